@@ -1,0 +1,45 @@
+"""`adalora-deploy`: one subcommand per stage. Each parses its flags, imports lazily and calls one
+library function whose keyword arguments mirror the flags (see adalora_deploy/commands/)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# Subcommand name -> module in adalora_deploy.commands defining `add_parser(sub)` and `run(args)`.
+COMMANDS = ("train", "inspect", "export", "bench", "serve", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adalora-deploy",
+        description="Train with AdaLoRA, export pruned ONNX graphs (merged or factored), serve them.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"adalora_deploy.commands.{name}")
+        module.add_parser(sub).set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import AdaLoraDeployError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = args._run(args)
+    except AdaLoraDeployError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Typed, validated configuration for AdaLoRA training (see DESIGN.md, "The method")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+IMPORTANCE_METRICS = ("sensitivity-uncertainty", "sensitivity", "magnitude")
+
+# All attention and FFN projections, as the paper adapts (Zhang et al. 2023, Sec. 4).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": [
+        "query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense",
+    ],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+# Trained in full beside the adapters, per task (the task head).
+DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
+    "sequence-classification": ["classifier", "score"],
+    "feature-extraction": [],
+}
+
+
+@dataclass
+class AdaLoraConfig:
+    """Everything the adapter and the rank allocator need.
+
+    Args:
+        target_modules: module-path suffixes to adapt; None takes DEFAULT_TARGET_MODULES for the
+            model type.
+        modules_to_save: module-path suffixes trained in full (the task head).
+        init_r: initial rank of every adapted module.
+        target_r: average final rank; the final budget is target_r * number of modules.
+        alpha: scaling numerator; s = alpha / init_r, kept after pruning.
+        dropout: dropout on the adapter branch input.
+        tinit: warm-up steps at the full budget b0.
+        tfinal: final steps with the mask fixed.
+        delta_t: steps between two allocations in the budgeting phase.
+        beta1: EMA coefficient of the sensitivity.
+        beta2: EMA coefficient of the uncertainty.
+        orth_reg: gamma, the weight of the orthogonality penalty.
+        importance: "sensitivity-uncertainty" (the paper), "sensitivity" or "magnitude" (|lam|).
+        total_step: T, the number of optimizer steps the schedule spans.
+    """
+
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
+    init_r: int = 12
+    target_r: int = 4
+    alpha: float = 32.0
+    dropout: float = 0.0
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg: float = 0.1
+    importance: str = "sensitivity-uncertainty"
+    total_step: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.init_r < 1:
+            raise ConfigError(f"init_r ({self.init_r}) must be >= 1")
+        if not 0 <= self.target_r <= self.init_r:
+            raise ConfigError(
+                f"target_r ({self.target_r}) must be between 0 and init_r ({self.init_r}): "
+                "lower target_r or raise init_r"
+            )
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"{name} ({value}) must be in the open interval (0, 1), e.g. 0.85")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout ({self.dropout}) must be in [0, 1)")
+        if self.orth_reg < 0:
+            raise ConfigError(f"orth_reg ({self.orth_reg}) must be >= 0 (0 turns the penalty off)")
+        if self.importance not in IMPORTANCE_METRICS:
+            raise ConfigError(f"importance ({self.importance!r}) must be one of {', '.join(IMPORTANCE_METRICS)}")
+        if self.delta_t < 1:
+            raise ConfigError(f"delta_t ({self.delta_t}) must be >= 1")
+        if self.tinit < 0 or self.tfinal < 0:
+            raise ConfigError(f"tinit ({self.tinit}) and tfinal ({self.tfinal}) must be >= 0")
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        """Raise ValueError unless the budgeting phase (tinit, T - tfinal] is non-empty."""
+        if total_step < 1:
+            raise ConfigError(f"total_step ({total_step}) must be >= 1")
+        if self.tinit + self.tfinal >= total_step:
+            raise ConfigError(
+                f"tinit + tfinal ({self.tinit} + {self.tfinal} = {self.tinit + self.tfinal}) must be < "
+                f"total_step ({total_step}): the budgeting phase would be empty; lower tinit/tfinal or "
+                "train longer"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / init_r (DESIGN.md); unchanged by pruning."""
+        return self.alpha / self.init_r
+
+    def resolve_target_modules(self, model_type: str) -> list[str]:
+        if self.target_modules:
+            return list(self.target_modules)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            known = ", ".join(sorted(DEFAULT_TARGET_MODULES))
+            raise ConfigError(
+                f"no default target modules for model type {model_type!r} (known: {known}); "
+                "pass target_modules explicitly"
+            )
+        return list(DEFAULT_TARGET_MODULES[model_type])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdaLoraConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown AdaLoRA config keys: {', '.join(unknown)}")
+        return cls(**data)

