@@ -1,0 +1,250 @@
+"""Text (or text pairs) -> the export's tokenizer -> ONNX Runtime -> logits, probabilities, labels.
+
+Classification exports return logits; feature-extraction exports return mean-pooled embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from adalora_deploy.errors import ConfigError
+from adalora_deploy.io import read_json
+
+from .session import (
+    CONFIG_FILE,
+    ExportDirError,
+    OrtSession,
+    SessionConfig,
+    open_session,
+    read_manifest,
+    resolve_export_dir,
+)
+
+# One input: a text, or a (text, text_pair) pair for pair tasks (NLI, paraphrase, ...).
+TextInput = str | tuple[str, str] | list[str]
+
+CLASSIFICATION = "sequence-classification"
+FEATURE_EXTRACTION = "feature-extraction"
+
+
+@dataclass
+class Predictions:
+    """Outputs for N inputs, in input order.
+
+    Classification: logits and probabilities (N, C), label_ids (N,), labels (N strings).
+    Feature extraction: embeddings (N, H), the hidden states mean-pooled over real tokens.
+    """
+
+    task: str
+    id2label: dict[int, str] = field(default_factory=dict)
+    logits: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    label_ids: np.ndarray | None = None
+    labels: list[str] = field(default_factory=list)
+    embeddings: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.logits if self.logits is not None else self.embeddings)
+
+    def records(self) -> list[dict]:
+        """One JSON-ready dict per input: {"label", "scores"} or {"embedding"}."""
+        if self.task == FEATURE_EXTRACTION:
+            return [{"embedding": e.tolist()} for e in self.embeddings]
+        names = [self.id2label.get(i, str(i)) for i in range(self.probabilities.shape[1])]
+        return [
+            {"label": label, "scores": dict(zip(names, map(float, probs), strict=True))}
+            for label, probs in zip(self.labels, self.probabilities, strict=True)
+        ]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, stable for large logits."""
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)  # (N, C)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the hidden states over real (mask = 1) tokens."""
+    m = mask[..., None].astype(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1)  # (B, H)
+
+
+def _split_inputs(inputs: Sequence[TextInput]) -> tuple[list[str], list[str | None]]:
+    """Texts and pairs (None for single texts); raises ConfigError on anything else."""
+    texts, pairs = [], []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            texts.append(item)
+            pairs.append(None)
+        elif isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(t, str) for t in item):
+            texts.append(item[0])
+            pairs.append(item[1])
+        else:
+            raise ConfigError(f"input {i} must be a string or a [text, text_pair] pair of strings, got {item!r:.80}")
+    return texts, pairs
+
+
+class Predictor:
+    """Run an exported model on raw text. Safe to call from several threads.
+
+    Args:
+        session: an OrtSession on the export's model.onnx.
+        tokenizer: the tokenizer saved in the export directory.
+        model_config: the export's config.json as a dict (id2label, max_position_embeddings).
+        manifest: the export's adalora_manifest.json, or None.
+        batch_size: most inputs per ONNX Runtime call; longer input lists are chunked.
+        max_length: tokens per input after truncation; None takes the smaller of the tokenizer's
+            and the model's limits.
+    """
+
+    def __init__(
+        self, session: OrtSession, tokenizer, model_config: dict, manifest: dict | None = None,
+        batch_size: int = 32, max_length: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size ({batch_size}) must be >= 1")
+        self.session = session
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.max_length = max_length or self._default_max_length()
+        self.task = CLASSIFICATION if "logits" in session.output_names else FEATURE_EXTRACTION
+        self.id2label = {int(k): v for k, v in (model_config.get("id2label") or {}).items()}
+        # Fast (Rust) tokenizers raise "Already borrowed" when one instance is used by two threads.
+        self._tokenizer_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, provider: str = "auto", mode: str | None = None, batch_size: int = 32,
+        max_length: int | None = None, session_config: SessionConfig | None = None,
+    ) -> Predictor:
+        """Open an export directory.
+
+        Args:
+            path: one mode's directory, or an export root (then `mode` picks merged or factored).
+            provider: "auto", "cuda" or "cpu"; ignored when session_config is given.
+            mode: "merged" (default) or "factored", for an export root.
+            batch_size: most inputs per ONNX Runtime call.
+            max_length: truncation length; None takes the tokenizer's and the model's limit.
+            session_config: full session options (threads, graph optimisation, arena).
+        """
+        model_dir = resolve_export_dir(path, mode)
+        model_config = read_json(model_dir / CONFIG_FILE, "model config")
+        manifest = read_manifest(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        session = open_session(model_dir, session_config or SessionConfig(provider=provider))
+        return cls(session, tokenizer, model_config, manifest, batch_size, max_length)
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    def _default_max_length(self) -> int:
+        limits = [getattr(self.tokenizer, "model_max_length", None), self.model_config.get("max_position_embeddings")]
+        limits = [int(n) for n in limits if isinstance(n, int | float) and 0 < n < 1_000_000]
+        return min(limits) if limits else 512
+
+    def tokenize(self, inputs: Sequence[TextInput]) -> list[dict[str, list[int]]]:
+        """Token ids per input, truncated to max_length and not padded."""
+        texts, pairs = _split_inputs(inputs)
+        out: list[dict | None] = [None] * len(texts)
+        singles = [i for i, p in enumerate(pairs) if p is None]
+        doubles = [i for i, p in enumerate(pairs) if p is not None]
+        with self._tokenizer_lock:
+            for idx, with_pairs in ((singles, False), (doubles, True)):
+                if not idx:
+                    continue
+                enc = self.tokenizer(
+                    [texts[i] for i in idx], text_pair=[pairs[i] for i in idx] if with_pairs else None,
+                    truncation=True, max_length=self.max_length, padding=False,
+                )
+                for j, i in enumerate(idx):
+                    out[i] = {k: enc[k][j] for k in enc.keys()}
+        return out
+
+    def pad(self, encodings: list[dict[str, list[int]]]) -> dict[str, np.ndarray]:
+        """Pad a batch to its longest item (dynamic padding) on the tokenizer's padding side."""
+        longest = max(len(e["input_ids"]) for e in encodings)
+        pad_id = self.tokenizer.pad_token_id or 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        batch = {}
+        for name in encodings[0]:
+            fill = pad_id if name == "input_ids" else 0
+            array = np.full((len(encodings), longest), fill, dtype=np.int64)  # (B, T)
+            for row, enc in enumerate(encodings):
+                n = len(enc[name])
+                (array[row, longest - n:] if left else array[row, :n])[:] = enc[name]
+            batch[name] = array
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = (batch["input_ids"] != pad_id).astype(np.int64)
+        return batch
+
+    def predict(self, inputs: TextInput | Sequence[TextInput], batch_size: int | None = None) -> Predictions:
+        """Predict for one input or a list of them.
+
+        Args:
+            inputs: a text, a [text, text_pair] pair, or a list of those.
+            batch_size: overrides the predictor's batch size for this call.
+
+        Returns:
+            Predictions in input order.
+        """
+        if isinstance(inputs, str) or (isinstance(inputs, tuple) and len(inputs) == 2):
+            inputs = [inputs]
+        if len(inputs) == 0:
+            raise ConfigError("no inputs: pass at least one text")
+        encodings = self.tokenize(inputs)
+        # Sorting by length groups similar lengths, so that each batch pads little.
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]["input_ids"]))
+        size = batch_size or self.batch_size
+        rows: list[np.ndarray | None] = [None] * len(encodings)
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            for i, row in zip(chunk, self._run_batch([encodings[i] for i in chunk]), strict=True):
+                rows[i] = row
+        return self._predictions(np.stack(rows))
+
+    __call__ = predict
+
+    def _run_batch(self, encodings: list[dict[str, list[int]]]) -> np.ndarray:
+        """Logits (B, C) or mean-pooled embeddings (B, H) for one padded batch."""
+        feeds = self.pad(encodings)
+        outputs = self.session.run(feeds)
+        if self.task == CLASSIFICATION:
+            return outputs["logits"]
+        hidden = outputs.get("last_hidden_state", outputs[self.session.output_names[0]])  # (B, T, H)
+        if hidden.ndim != 3:
+            raise ExportDirError(
+                f"{self.session.path} outputs {self.session.output_names} of rank {hidden.ndim}: expected "
+                "'logits' (classification) or a (batch, tokens, hidden) state (feature extraction)"
+            )
+        return mean_pool(hidden, feeds["attention_mask"])
+
+    def _predictions(self, values: np.ndarray) -> Predictions:
+        if self.task == FEATURE_EXTRACTION:
+            return Predictions(task=self.task, embeddings=values)
+        probs = softmax(values)  # (N, C)
+        ids = probs.argmax(axis=-1)  # (N,)
+        labels = [self.id2label.get(int(i), str(int(i))) for i in ids]
+        return Predictions(self.task, self.id2label, values, probs, ids, labels)
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer saved in an export directory; a clear error when it is missing or broken."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ExportDirError(
+            f"{model_dir} has no usable tokenizer ({str(err).splitlines()[0][:160]}): re-export it"
+        ) from err

@@ -1,0 +1,284 @@
+"""ONNX Runtime sessions on an export directory: provider choice (CUDA when it really starts, else
+CPU), session options, and IOBinding with device-resident inputs and outputs on CUDA."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adalora_deploy.errors import AdaLoraDeployError, CheckpointError, ConfigError
+from adalora_deploy.io import read_json
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "adalora_manifest.json"
+CONFIG_FILE = "config.json"
+MODES = ("merged", "factored")
+PROVIDERS = ("auto", "cuda", "cpu")
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+# Shape of the dummy batch used for the warm-up run: small, so that warming up costs little.
+WARMUP_SHAPE = (1, 8)
+
+
+class ProviderUnavailableError(AdaLoraDeployError):
+    """An execution provider was asked for explicitly but ONNX Runtime cannot start it here."""
+
+
+class ExportDirError(CheckpointError):
+    """An export directory is missing, incomplete or corrupt."""
+
+
+@dataclass
+class SessionConfig:
+    """How to open an ONNX Runtime session.
+
+    Args:
+        provider: "auto" (CUDA when ONNX Runtime can really start it, else CPU), "cuda" or "cpu".
+        graph_optimization: ONNX Runtime's graph optimisation level: disable, basic, extended, all.
+        intra_op_threads: threads inside one operator; 0 lets ONNX Runtime pick (one per core).
+        inter_op_threads: threads across independent operators; 0 or 1 runs operators in sequence.
+        memory_arena: keep ONNX Runtime's memory arena (faster; holds on to peak memory).
+        spinning: let idle worker threads spin-wait (lower latency, burns CPU between calls).
+        warmup: run one dummy batch when the session opens (CUDA kernels and arenas start lazily).
+        device_id: the CUDA device.
+    """
+
+    provider: str = "auto"
+    graph_optimization: str = "all"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    memory_arena: bool = True
+    spinning: bool = True
+    warmup: bool = True
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"provider {self.provider!r} is not one of {', '.join(PROVIDERS)}")
+        if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise ConfigError(
+                f"graph_optimization {self.graph_optimization!r} is not one of {', '.join(GRAPH_OPTIMIZATIONS)}"
+            )
+        for name in ("intra_op_threads", "inter_op_threads", "device_id"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0 (0 means ONNX Runtime's default)")
+
+
+def resolve_export_dir(path: str | os.PathLike, mode: str | None = None) -> Path:
+    """The directory holding model.onnx: `path` itself, or `path/mode` for an export root.
+
+    Args:
+        path: one mode's directory, or an export root with merged/ and factored/ inside.
+        mode: "merged" or "factored"; used only when `path` is an export root.
+
+    Returns:
+        The mode directory. Raises ExportDirError when there is no model.onnx to be found.
+    """
+    path = Path(path)
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if not path.is_dir():
+        raise ExportDirError(f"export directory not found: {path}; run `adalora-deploy export` first")
+    if (path / MODEL_FILE).is_file():
+        return path
+    sub = path / (mode or "merged")
+    if (sub / MODEL_FILE).is_file():
+        return sub
+    present = [m for m in MODES if (path / m / MODEL_FILE).is_file()]
+    hint = f"it holds {', '.join(present)}: pass --mode {present[0]}" if present else "re-run the export"
+    raise ExportDirError(f"{path} has no {MODEL_FILE} (nor {sub.name}/{MODEL_FILE}): {hint}")
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict | None:
+    """The export's adalora_manifest.json, or None for a directory exported by other tools."""
+    path = Path(model_dir) / MANIFEST_FILE
+    return read_json(path, "export manifest") if path.exists() else None
+
+
+def _tiny_probe_model() -> bytes:
+    """A one-node ONNX model, to find out whether an execution provider really starts."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return model.SerializeToString()
+
+
+@functools.lru_cache(maxsize=8)
+def cuda_status(device_id: int = 0) -> tuple[bool, str]:
+    """(usable, reason): whether ONNX Runtime can start its CUDA provider on `device_id`.
+
+    onnxruntime-gpu lists CUDAExecutionProvider as available even where the CUDA libraries or the
+    GPU are missing; it then falls back to CPU with a logged error. Only creating a session and
+    reading back its providers tells the truth, so we do that once on a one-node model.
+    """
+    import onnxruntime as ort
+
+    if CUDA_EP not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
+    ort.set_default_logger_severity(4)  # the failed library load is expected here: keep it quiet
+    try:
+        probe = ort.InferenceSession(_tiny_probe_model(), providers=[(CUDA_EP, {"device_id": device_id})])
+        started = probe.get_providers()[0] == CUDA_EP
+    except Exception as err:  # ORT raises its own Fail/RuntimeException types here
+        return False, f"ONNX Runtime failed to start CUDA ({str(err).splitlines()[0]})"
+    finally:
+        ort.set_default_logger_severity(2)
+    if not started:
+        return False, "ONNX Runtime could not start CUDA (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
+    return True, "ok"
+
+
+def choose_providers(config: SessionConfig) -> list:
+    """The provider list for InferenceSession; raises when CUDA is asked for and cannot start."""
+    if config.provider == "cpu":
+        return [CPU_EP]
+    usable, reason = cuda_status(config.device_id)
+    if usable:
+        return [(CUDA_EP, _cuda_options(config)), CPU_EP]
+    if config.provider == "cuda":
+        raise ProviderUnavailableError(f"--provider cuda: {reason}; use --provider auto or cpu")
+    return [CPU_EP]
+
+
+def _cuda_options(config: SessionConfig) -> dict:
+    options = {"device_id": config.device_id}
+    if not config.memory_arena:
+        options["arena_extend_strategy"] = "kSameAsRequested"  # grow by exactly what is asked
+    return options
+
+
+def session_options(config: SessionConfig):
+    """onnxruntime.SessionOptions from a SessionConfig."""
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[config.graph_optimization]
+    so.intra_op_num_threads = config.intra_op_threads
+    so.inter_op_num_threads = config.inter_op_threads
+    # Inter-op threads only matter when independent nodes may run at the same time.
+    so.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if config.inter_op_threads > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    so.enable_cpu_mem_arena = config.memory_arena
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if config.spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OrtSession:
+    """An ONNX Runtime session plus what it really runs on. `run` is safe to call from several threads.
+
+    Args:
+        session: an onnxruntime.InferenceSession.
+        config: the SessionConfig it was opened with.
+        path: the model file.
+    """
+
+    def __init__(self, session, config: SessionConfig, path: Path):
+        self.session = session
+        self.config = config
+        self.path = path
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    @property
+    def provider(self) -> str:
+        """The provider that actually runs the graph (ONNX Runtime may have fallen back)."""
+        return self.session.get_providers()[0]
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.provider == CUDA_EP
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on host arrays; returns host arrays by output name.
+
+        Feeds the graph does not take (e.g. token_type_ids for some models) are dropped.
+        """
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"missing inputs {missing} for {self.path}")
+        if self.on_cuda:
+            outputs = self._run_iobinding(feeds)
+        else:
+            outputs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def _run_iobinding(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Copy inputs to the GPU once, let ORT allocate outputs there, then copy them back.
+
+        A binding per call keeps concurrent callers apart (the session itself is thread-safe).
+        """
+        import onnxruntime as ort
+
+        device = self.config.device_id
+        binding = self.session.io_binding()
+        on_device = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", device) for n, a in feeds.items()}
+        for name, value in on_device.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def dummy_feeds(self, shape: tuple[int, int] = WARMUP_SHAPE) -> dict[str, np.ndarray]:
+        """All-ones integer (zeros float) inputs of `shape`, for warm-up and benchmarks."""
+        feeds = {}
+        for node in self.session.get_inputs():
+            is_int = "int" in node.type
+            dtype = np.int64 if node.type == "tensor(int64)" else (np.int32 if is_int else np.float32)
+            fill = 1 if is_int and node.name != "token_type_ids" else 0
+            feeds[node.name] = np.full(shape, fill, dtype=dtype)
+        return feeds
+
+    def warmup(self) -> None:
+        """One dummy batch: CUDA initialises kernels, and both providers their arenas, on first use."""
+        self.run(self.dummy_feeds())
+
+
+def open_session(model: str | os.PathLike, config: SessionConfig | None = None) -> OrtSession:
+    """Open an ONNX Runtime session on a model file or an export (mode) directory.
+
+    Args:
+        model: a model.onnx file, or a directory containing one.
+        config: provider and session options; defaults to SessionConfig().
+
+    Returns:
+        An OrtSession; `.provider` reports the provider that actually runs.
+    """
+    import onnxruntime as ort
+
+    config = config or SessionConfig()
+    path = Path(model)
+    path = path / MODEL_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise ExportDirError(f"ONNX model not found: {path}; run `adalora-deploy export` first")
+    providers = choose_providers(config)
+    try:
+        session = ort.InferenceSession(str(path), session_options(config), providers=providers)
+    except Exception as err:  # InvalidProtobuf, Fail, ...: ORT's exception types are not public
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportDirError(f"{path} could not be loaded by ONNX Runtime ({first}): re-export it") from err
+    opened = OrtSession(session, config, path)
+    if config.provider == "cuda" and not opened.on_cuda:
+        raise ProviderUnavailableError(f"--provider cuda: ONNX Runtime fell back to {opened.provider}")
+    if config.warmup:
+        opened.warmup()
+    return opened
