@@ -93,3 +93,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_root(tmp_path_factory, tiny_checkpoint) -> Path:
+    """Export root of `tiny_checkpoint`: merged/ and factored/ (ranks pruned), by the package's exporter."""
+    from adalora_deploy.exporters import export
+
+    return Path(export(tiny_checkpoint, tmp_path_factory.mktemp("export") / "onnx", mode="both", prune_ranks=True))
