@@ -1,0 +1,58 @@
+"""`adalora-deploy export CHECKPOINT --out OUT`: merged and/or factored ONNX graphs, validated against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+
+MODES = ("merged", "factored", "both")
+DTYPES = ("fp32", "fp16")
+TASKS = ("sequence-classification", "feature-extraction")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint (ours or a PEFT AdaLoRA adapter) to merged and factored ONNX graphs",
+        description="Export CHECKPOINT to OUT/merged/ and OUT/factored/ (ONNX model directories loadable by "
+        "ONNX Runtime, Optimum's ORTModel classes and transformers pipelines), each validated against PyTorch.",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory from `adalora-deploy train`, or a PEFT AdaLoRA adapter "
+                   "directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="export directory (must be empty or absent unless --overwrite)")
+    p.add_argument("--prune-ranks", action="store_true",
+                   help="drop masked triplets and slice P/Q to each module's effective rank; rank-0 modules lose "
+                   "their branch")
+    p.add_argument("--mode", choices=MODES, default="both", help="which graphs to write (default: both)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype; fp16 is meant for GPUs")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: Optimum's recommendation for the architecture, at least 17)")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply ONNX Runtime's transformer fusions (default: on)")
+    p.add_argument("--task", default=None, help=f"task to export: {', '.join(TASKS)} (default: the checkpoint's)")
+    p.add_argument("--base", default=None, metavar="PATH_OR_ID", help="override the base model the checkpoint names")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _show_progress() -> None:
+    import logging
+
+    logger = logging.getLogger("adalora_deploy.export")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[export] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    from adalora_deploy.exporters import export
+
+    _show_progress()
+    out = export(
+        args.checkpoint, args.out, mode=args.mode, prune_ranks=args.prune_ranks, dtype=args.dtype, opset=args.opset,
+        optimize=args.optimize, task=args.task, base=args.base, overwrite=args.overwrite,
+    )
+    print(out)
+    return 0

@@ -1,0 +1,329 @@
+"""`export`: checkpoint -> OUT/merged/ and OUT/factored/, each an ONNX model directory that ONNX
+Runtime, Optimum's ORTModel classes and a transformers pipeline load on their own.
+
+Steps: load the checkpoint (ours or PEFT's) -> optionally prune -> per mode: transform the module,
+export it with Optimum's ONNX exporter (TorchScript), fuse with ONNX Runtime's optimizer, cast ->
+validate every graph against PyTorch -> write config, tokenizer and adalora_manifest.json. All of it
+happens in a temporary directory that replaces OUT only when everything passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from torch import nn
+
+from adalora_deploy.io import atomic_output_dir, check_output_dir, write_json
+from adalora_deploy.layers import svd_modules
+from adalora_deploy.prune import PrunedAdapter, prune, pruned_model
+
+from . import graph as graphs
+from .errors import ExportError
+from .manifest import (
+    MANIFEST_FILE,
+    ModuleFigures,
+    manifest_header,
+    module_table,
+    package_versions,
+    source_hash,
+)
+from .source import Source, load_source
+from .specs import (
+    CROSS_MODE_ATOL,
+    MIN_OPSET,
+    PRUNE_ATOL,
+    ArchitectureSpec,
+    DtypeSpec,
+    ExportMode,
+    TaskSpec,
+    architecture_spec,
+    dtype_spec,
+    export_modes,
+    task_spec,
+)
+from .validate import CASES, OrtRunner, ValidationReport, make_inputs, torch_output
+
+log = logging.getLogger("adalora_deploy.export")
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """The export flags, checked when built (see `export` for their meaning)."""
+
+    modes: tuple[ExportMode, ...]
+    prune_ranks: bool
+    dtype: DtypeSpec
+    opset: int | None
+    optimize: bool
+    task: str | None
+    validate: bool
+
+    def __post_init__(self) -> None:
+        if self.opset is not None and self.opset < MIN_OPSET:
+            raise ExportError(f"--opset {self.opset} is too old: use {MIN_OPSET} or newer (LayerNormalization)")
+        if self.task is not None:
+            task_spec(self.task)
+
+
+@dataclass
+class Plan:
+    """What gets exported: the model to transform (pruned copy or the adapted model) and its context."""
+
+    source: Source
+    task: TaskSpec
+    model: nn.Module  # transformers model with SVDLinear adapters
+    pruned: PrunedAdapter | None
+    opset: int
+    arch: ArchitectureSpec | None
+    tokenizer: object
+
+    def branch_names(self) -> dict[str, str]:
+        """Module path in the exported module -> checkpoint module path, for adapters of rank >= 1."""
+        names = {id(m): n for n, m in svd_modules(self.model).items()}
+        exported = svd_modules(self.task.module(self.model))
+        return {path: names[id(m)] for path, m in exported.items() if m.r > 0}
+
+
+@dataclass
+class ModeResult:
+    """One written mode directory (manifest still to come)."""
+
+    mode: ExportMode
+    dir: Path
+    graph: onnx.ModelProto
+    fused_ops: dict[str, int] | None
+    seconds: float
+    runner: OrtRunner | None = None
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.dir / ONNX_FILE
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    # Optimum and the TorchScript tracer warn about things that are expected here (opset advice,
+    # traced shape arithmetic); the export is checked against PyTorch instead.
+    optimum_log = logging.getLogger("optimum")
+    level = optimum_log.level
+    optimum_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        optimum_log.setLevel(level)
+
+
+def _default_opset(module: nn.Module, task: TaskSpec) -> int:
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with the TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model=module, task=task.optimum_task, library_name="transformers"
+        )
+    except (KeyError, ValueError) as err:
+        raise ExportError(f"Optimum cannot export {module.config.model_type} for {task.name}: {err}") from err
+    return max(constructor(module.config).DEFAULT_ONNX_OPSET, MIN_OPSET)
+
+
+def make_plan(source: Source, request: ExportRequest) -> Plan:
+    """Resolve task, pruning, opset and optimizer declarations for `source`."""
+    from transformers import AutoTokenizer
+
+    task = task_spec(request.task or source.task)
+    if task.needs_head and source.task != task.name:
+        raise ExportError(
+            f"the checkpoint was trained for {source.task} and has no {task.name} head: "
+            f"export it with --task {source.task}"
+        )
+    pruned = prune(source.model.adapter_state_dict()) if request.prune_ranks else None
+    model = pruned_model(source.model.model, pruned).eval() if pruned else source.model.model
+    arch = architecture_spec(model.config.model_type) if request.optimize else None
+    opset = request.opset or _default_opset(task.module(model), task)
+    return Plan(source, task, model, pruned, opset, arch, AutoTokenizer.from_pretrained(source.tokenizer_dir))
+
+
+def _optimum_export(module: nn.Module, out_dir: Path, plan: Plan) -> None:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    try:
+        with _quiet_exporter():
+            onnx_export_from_model(
+                module, output=out_dir, task=plan.task.optimum_task, opset=plan.opset,
+                do_validation=False, no_post_process=True,
+            )
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ExportError(f"Optimum's ONNX export failed: {err}") from err
+
+
+def export_mode(plan: Plan, mode: ExportMode, out_dir: Path, request: ExportRequest) -> ModeResult:
+    """Trace one mode's module to out_dir/model.onnx, fused and cast as asked."""
+    start = time.perf_counter()
+    module = plan.task.module(mode.transform(plan.model))
+    with _step(f"{mode.name}: ONNX export (Optimum, opset {plan.opset})"):
+        _optimum_export(module, out_dir, plan)
+    graph = onnx.load(str(out_dir / ONNX_FILE))
+    if mode.has_branches:
+        graphs.label_branches(graph, plan.branch_names())
+    fused = None
+    if request.optimize:
+        with _step(f"{mode.name}: ONNX Runtime transformer fusions"):
+            graph, fused = graphs.optimize(graph, plan.arch, module.config, mode.attention_op, mode.has_branches)
+    if request.dtype.float16:
+        graph = graphs.to_float16(graph)
+    graphs.save(graph, out_dir / ONNX_FILE)
+    return ModeResult(mode, out_dir, graph, fused, time.perf_counter() - start)
+
+
+def validate_all(plan: Plan, results: list[ModeResult], dtype: DtypeSpec) -> ValidationReport:
+    """ONNX Runtime against PyTorch for every mode, pruned against unpruned, merged against factored."""
+    report = ValidationReport()
+    for r in results:
+        r.runner = OrtRunner(r.onnx_path, prefer_cuda=dtype.float16)
+        report.expect_outputs(r.mode.name, r.runner, plan.task.output)
+    config = plan.model.config
+    inputs = [make_inputs(case, config, results[0].runner.input_names, seed=i) for i, case in enumerate(CASES)]
+    reference = [torch_output(plan.task.module(plan.source.model.model), x, plan.task.output) for x in inputs]
+    if plan.pruned is not None:
+        check = report.check("pruned_vs_unpruned_pytorch", "pruned vs unpruned model (PyTorch)", PRUNE_ATOL)
+        for case, x, want in zip(CASES, inputs, reference, strict=True):
+            check.compare(case, torch_output(plan.task.module(plan.model), x, plan.task.output), want)
+    outputs = {r.mode.name: _ort_outputs(r, inputs, plan.task.output) for r in results}
+    for r in results:
+        check = report.check(f"{r.mode.name}:onnx_vs_pytorch", f"{r.mode.name}: ONNX Runtime vs PyTorch", dtype.atol)
+        for case, got, want in zip(CASES, outputs[r.mode.name], reference, strict=True):
+            check.compare(case, got, want)
+    if len(outputs) == 2:
+        atol = CROSS_MODE_ATOL if not dtype.float16 else dtype.atol
+        check = report.check("merged_vs_factored", "merged vs factored (ONNX Runtime)", atol)
+        for case, a, b in zip(CASES, outputs["merged"], outputs["factored"], strict=True):
+            check.compare(case, a, b)
+    return report
+
+
+def _ort_outputs(result: ModeResult, inputs: list[dict], output: str) -> list[np.ndarray]:
+    if output not in result.runner.output_names:
+        return [np.full(0, np.nan) for _ in inputs]  # reported by expect_outputs; shapes then mismatch
+    return [result.runner.run(x)[output] for x in inputs]
+
+
+def _module_figures(plan: Plan, result: ModeResult) -> dict[str, ModuleFigures]:
+    model = plan.source.model
+    effective = model.ranks()
+    after = plan.pruned.ranks_after if plan.pruned else {n: m.r for n, m in model.adapters.items()}
+    in_graph = graphs.branch_ranks(result.graph) if result.mode.has_branches else {}
+    return {
+        name: ModuleFigures(m.d_out, m.d_in, m.r, effective[name], after[name], in_graph.get(name))
+        for name, m in model.adapters.items()
+    }
+
+
+def _validation_figures(plan: Plan, result: ModeResult, report: ValidationReport | None, dtype: DtypeSpec) -> dict:
+    if report is None:
+        return {"validated": False}
+    keys = [f"{result.mode.name}:onnx_vs_pytorch", "pruned_vs_unpruned_pytorch", "merged_vs_factored"]
+    parity = {k.split(":")[-1]: v for k, v in report.figures(keys).items()}
+    provider = result.runner.provider
+    note = "fp32 graph run by ONNX Runtime"
+    if dtype.float16 and provider == "CPUExecutionProvider":
+        note = "fp16 graph run by ONNX Runtime's CPU provider (no GPU here): values checked, CUDA kernels not exercised"
+    return {"validated": True, "provider": provider, "note": note, "cases": len(CASES), "parity": parity}
+
+
+def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | None, request: ExportRequest) -> dict:
+    """adalora_manifest.json for one mode directory."""
+    source, model = plan.source, plan.source.model
+    graph = result.graph
+    return {
+        **manifest_header(result.mode.name, plan.task.name, request.dtype.name, plan.opset, request.optimize,
+                          plan.pruned is not None),
+        "source": {"kind": source.kind, "path": str(source.path), **source_hash(source.files)},
+        "base_model": model.base_model,
+        "architecture": type(plan.task.module(model.model)).__name__,
+        "model_type": model.model.config.model_type,
+        "init_r": model.config.init_r,
+        "scaling": model.config.scaling,
+        **module_table(_module_figures(plan, result)),
+        "graph": {
+            "file": ONNX_FILE,
+            "branches": len(graphs.branches(graph)) if result.mode.has_branches else 0,
+            "branch_params": graphs.branch_params(graph) if result.mode.has_branches else 0,
+            "fused_ops": result.fused_ops,
+            "op_counts": graphs.op_counts(graph),
+        },
+        "validation": _validation_figures(plan, result, report, request.dtype),
+        "export_seconds": round(result.seconds, 2),
+        "versions": package_versions(),
+    }
+
+
+def _finish(plan: Plan, result: ModeResult, report: ValidationReport | None, request: ExportRequest) -> None:
+    plan.tokenizer.save_pretrained(str(result.dir))
+    write_json(result.dir / MANIFEST_FILE, mode_manifest(plan, result, report, request))
+
+
+def _export_into(tmp: Path, source: Source, request: ExportRequest) -> None:
+    plan = make_plan(source, request)
+    results = [export_mode(plan, mode, tmp / mode.name, request) for mode in request.modes]
+    report = None
+    if request.validate:
+        with _step(f"validating against PyTorch on {len(CASES)} input batches"):
+            report = validate_all(plan, results, request.dtype)
+        report.raise_if_failed()
+    for result in results:
+        _finish(plan, result, report, request)
+
+
+def export(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, *, mode: str = "both", prune_ranks: bool = False,
+    dtype: str = "fp32", opset: int | None = None, optimize: bool = True, task: str | None = None,
+    base: str | None = None, overwrite: bool = False, validate: bool = True,
+) -> Path:
+    """Export a checkpoint to ONNX: OUT/merged/ and/or OUT/factored/.
+
+    Each mode directory holds model.onnx, config.json, the tokenizer files and adalora_manifest.json,
+    and loads on its own (Optimum's ORTModel classes, transformers pipelines, adalora_deploy.runtime).
+
+    Args:
+        checkpoint: an adalora-deploy checkpoint directory or a PEFT AdaLoRA adapter directory.
+        out: the export directory; written atomically, nothing is left on error.
+        mode: "merged", "factored" or "both".
+        prune_ranks: drop masked triplets and slice P/Q to each module's effective rank first.
+        dtype: "fp32" or "fp16" (fp16 is for GPUs).
+        opset: ONNX opset; None takes Optimum's recommendation for the architecture (at least 17).
+        optimize: apply ONNX Runtime's transformer fusions and record the fused-op counts.
+        task: "sequence-classification" or "feature-extraction"; None takes the checkpoint's task.
+        base: overrides the base model the checkpoint names (a path or hub id).
+        overwrite: replace a non-empty `out`.
+        validate: check every graph against PyTorch and raise ExportValidationError on any failure.
+
+    Returns:
+        `out` as a Path.
+    """
+    request = ExportRequest(tuple(export_modes(mode)), prune_ranks, dtype_spec(dtype), opset, optimize, task, validate)
+    check_output_dir(out, overwrite)
+    with _step(f"loading {checkpoint}"):
+        source = load_source(checkpoint, base=base)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        _export_into(tmp, source, request)
+    log.info("wrote %s", ", ".join(str(Path(out) / m.name) for m in request.modes))
+    return Path(out)

@@ -1,0 +1,67 @@
+"""What an export starts from: an adalora-deploy checkpoint or a PEFT AdaLoRA adapter, auto-detected."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from adalora_deploy.errors import CheckpointError
+from adalora_deploy.model import ADAPTER_FILE, CONFIG_FILE, AdaLoraModel, resolve_model_path
+from adalora_deploy.peft_import import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, load_peft_adapter
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+@dataclass
+class Source:
+    """A loaded checkpoint.
+
+    Attributes:
+        kind: "adalora-deploy-checkpoint" or "peft-adalora".
+        path: the directory it was read from.
+        model: the adapted model (unpruned, masks applied), in eval mode.
+        files: the files whose sha256 identifies the source (weights and config).
+        tokenizer_dir: where the tokenizer files are (the checkpoint, else the base model).
+    """
+
+    kind: str
+    path: Path
+    model: AdaLoraModel
+    files: list[Path]
+    tokenizer_dir: str
+
+    @property
+    def task(self) -> str:
+        return self.model.task
+
+
+def _tokenizer_dir(path: Path, model: AdaLoraModel) -> str:
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        return str(path)
+    return resolve_model_path(model.base_model["name_or_path"])
+
+
+def load_source(checkpoint: str | os.PathLike, base: str | None = None) -> Source:
+    """Load `checkpoint`, telling the two formats apart by their config file.
+
+    Args:
+        checkpoint: a directory from `adalora-deploy train` (adalora_config.json) or a PEFT AdaLoRA
+            adapter (adapter_config.json + adapter_model.safetensors).
+        base: overrides the base model the checkpoint names.
+    """
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if (path / CONFIG_FILE).is_file():
+        model = AdaLoraModel.from_pretrained(path, base=base).eval()
+        kind, files = "adalora-deploy-checkpoint", [path / ADAPTER_FILE, path / CONFIG_FILE]
+    elif (path / PEFT_CONFIG_FILE).is_file():
+        model = load_peft_adapter(path, base=base)
+        kind, files = "peft-adalora", [path / PEFT_WEIGHTS_FILE, path / PEFT_CONFIG_FILE]
+    else:
+        raise CheckpointError(
+            f"{path} is neither an adalora-deploy checkpoint ({CONFIG_FILE}) nor a PEFT adapter "
+            f"({PEFT_CONFIG_FILE}): pass the directory written by `adalora-deploy train` or PEFT's save_pretrained"
+        )
+    return Source(kind, path, model.requires_grad_(False), files, _tokenizer_dir(path, model))

@@ -1,0 +1,150 @@
+"""Declarations of what an export can be: tasks, architectures, dtypes and modes (STYLE.md #6).
+
+Adding a task, an architecture or a mode means adding one entry here; the export code reads these
+tables and holds no per-mode or per-task branches of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ExportError
+from .factored import factored_model, merged_model
+
+# Optimum recommends opset 18 for BERT; below 17 there is no LayerNormalization op, which ONNX
+# Runtime's fusions and kernels expect.
+MIN_OPSET = 17
+PRUNE_ATOL = 1e-5  # pruned vs unpruned masked model, both in PyTorch fp32
+CROSS_MODE_ATOL = 1e-4  # merged vs factored, both in ONNX Runtime
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task the export supports.
+
+    Attributes:
+        name: our task name (as in the checkpoint config).
+        optimum_task: Optimum's task name, which picks the OnnxConfig (inputs, outputs, dynamic axes).
+        ort_model_class: the optimum.onnxruntime class that loads the exported directory.
+        pipeline_task: the transformers pipeline task that runs it.
+        output: the ONNX output checked against PyTorch.
+        needs_head: whether the checkpoint must have been trained with a task head.
+    """
+
+    name: str
+    optimum_task: str
+    ort_model_class: str
+    pipeline_task: str
+    output: str
+    needs_head: bool
+
+    def module(self, model):
+        """The part of a (possibly headed) transformers model this task exports."""
+        return model if self.needs_head else model.base_model
+
+
+TASKS = {
+    "sequence-classification": TaskSpec(
+        "sequence-classification", "text-classification", "ORTModelForSequenceClassification",
+        "text-classification", "logits", needs_head=True,
+    ),
+    "feature-extraction": TaskSpec(
+        "feature-extraction", "feature-extraction", "ORTModelForFeatureExtraction",
+        "feature-extraction", "last_hidden_state", needs_head=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How ONNX Runtime's transformer optimizer handles a model type."""
+
+    ort_model_type: str  # onnxruntime.transformers.optimizer model_type
+    num_heads_attr: str = "num_attention_heads"
+    hidden_size_attr: str = "hidden_size"
+
+
+ARCHITECTURES = {
+    "bert": ArchitectureSpec("bert"),
+    "roberta": ArchitectureSpec("bert"),
+    "distilbert": ArchitectureSpec("bert", num_heads_attr="n_heads", hidden_size_attr="dim"),
+}
+
+
+@dataclass(frozen=True)
+class DtypeSpec:
+    """A weight dtype of the exported graph.
+
+    Attributes:
+        name: the --dtype value.
+        atol: max abs difference allowed between ONNX Runtime and the fp32 PyTorch model.
+        float16: convert the fp32 graph to fp16 after fusion (ONNX Runtime's recommended path).
+    """
+
+    name: str
+    atol: float
+    float16: bool
+
+
+DTYPES = {
+    "fp32": DtypeSpec("fp32", atol=1e-4, float16=False),
+    # fp16 has a 10-bit mantissa: ~1e-3 relative error per op, compounding over the layers.
+    "fp16": DtypeSpec("fp16", atol=5e-2, float16=True),
+}
+
+
+@dataclass(frozen=True)
+class ExportMode:
+    """One exported graph kind.
+
+    Attributes:
+        name: the sub-directory and --mode value.
+        transform: model with SVDLinear adapters -> plain module to export (never mutates its input).
+        attention_op: the fused attention op ONNX Runtime's optimizer may emit. "Attention" packs Q, K
+            and V into one weight, so it cannot keep the low-rank branches of q/k/v; the factored
+            graph uses "MultiHeadAttention", which keeps the three projections as separate MatMuls.
+        has_branches: the graph carries low-rank branches that are set aside during fusion.
+    """
+
+    name: str
+    transform: Callable
+    attention_op: str
+    has_branches: bool
+
+
+MODES = {
+    "merged": ExportMode("merged", merged_model, attention_op="Attention", has_branches=False),
+    "factored": ExportMode("factored", factored_model, attention_op="MultiHeadAttention", has_branches=True),
+}
+MODE_CHOICES = ("merged", "factored", "both")
+
+
+def _choose(table: dict, key: str, what: str, flag: str):
+    if key not in table:
+        raise ExportError(f"unknown {what} {key!r}: choose one of {', '.join(table)} ({flag})")
+    return table[key]
+
+
+def task_spec(task: str) -> TaskSpec:
+    return _choose(TASKS, task, "task", "--task")
+
+
+def dtype_spec(dtype: str) -> DtypeSpec:
+    return _choose(DTYPES, dtype, "dtype", "--dtype")
+
+
+def architecture_spec(model_type: str) -> ArchitectureSpec:
+    if model_type not in ARCHITECTURES:
+        raise ExportError(
+            f"ONNX Runtime's transformer optimizer is not declared for model type {model_type!r} "
+            f"(declared: {', '.join(ARCHITECTURES)}): pass --no-optimize"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def export_modes(mode: str) -> list[ExportMode]:
+    """The modes `--mode` asks for, merged first."""
+    if mode not in MODE_CHOICES:
+        raise ExportError(f"unknown mode {mode!r}: choose one of {', '.join(MODE_CHOICES)} (--mode)")
+    return list(MODES.values()) if mode == "both" else [MODES[mode]]

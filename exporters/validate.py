@@ -1,0 +1,154 @@
+"""Checks every export against PyTorch (STYLE.md #7): output names, shapes and values, on generated
+inputs of several batch sizes and sequence lengths, padded on either side. Every failure is collected;
+`ValidationReport.raise_if_failed` then raises one ExportValidationError that lists them all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ExportValidationError
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One generated batch: `padding` is "none", "right" (tokenizer default) or "left"."""
+
+    batch: int
+    seq: int
+    padding: str
+
+    def describe(self) -> str:
+        return f"batch {self.batch} x seq {self.seq}, {self.padding} padding"
+
+
+CASES = (InputCase(1, 8, "none"), InputCase(2, 17, "right"), InputCase(4, 33, "right"), InputCase(3, 12, "left"))
+
+
+def _attention_mask(case: InputCase) -> np.ndarray:
+    # Row i keeps seq - i * step tokens (at least 1), so the rows of a batch differ in length.
+    step = case.seq // (case.batch + 1) if case.padding != "none" else 0
+    mask = np.zeros((case.batch, case.seq), dtype=np.int64)  # (B, T)
+    for i in range(case.batch):
+        n = max(1, case.seq - i * step)
+        if case.padding == "left":
+            mask[i, case.seq - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return mask
+
+
+def make_inputs(case: InputCase, config, input_names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token ids (and segment ids) with the case's padding, for the graph's input names."""
+    rng = np.random.default_rng(seed)
+    shape = (case.batch, case.seq)
+    mask = _attention_mask(case)
+    values = {
+        "input_ids": rng.integers(0, config.vocab_size, shape, dtype=np.int64) * mask,  # pad id 0
+        "attention_mask": mask,
+        "token_type_ids": rng.integers(0, getattr(config, "type_vocab_size", 1), shape, dtype=np.int64) * mask,
+    }
+    unknown = [name for name in input_names if name not in values]
+    if unknown:
+        raise ExportValidationError([f"cannot generate validation inputs for graph inputs {unknown}"])
+    return {name: values[name] for name in input_names}
+
+
+@torch.no_grad()
+def torch_output(module: torch.nn.Module, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """The named output of a transformers model, in fp32 numpy."""
+    outputs = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    return getattr(outputs, output).float().numpy()
+
+
+def _providers(prefer_cuda: bool) -> list[str]:
+    import onnxruntime as ort
+
+    cuda = prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+def _cuda_device() -> bool:
+    # onnxruntime-gpu lists the CUDA provider even on machines without a GPU; ask the driver.
+    return Path("/proc/driver/nvidia/version").exists() or torch.cuda.is_available()
+
+
+class OrtRunner:
+    """An ONNX Runtime session over one exported graph (CUDA for fp16 when a GPU exists, else CPU)."""
+
+    def __init__(self, path: Path, prefer_cuda: bool = False):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the fused graph's harmless "unused initializer" warnings
+        self.session = ort.InferenceSession(str(path), options, providers=_providers(prefer_cuda))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.provider = self.session.get_providers()[0]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(None, inputs)
+        return {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.output_names, values, strict=True)}
+
+
+def _finite(x: float) -> float | str:
+    return float(x) if math.isfinite(x) else str(x)  # JSON has no NaN
+
+
+@dataclass
+class Check:
+    """One comparison (e.g. "factored: ONNX Runtime vs PyTorch") over all input cases."""
+
+    name: str
+    atol: float
+    cases: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def compare(self, case: InputCase, got: np.ndarray, want: np.ndarray) -> None:
+        if got.shape != want.shape:
+            self.problems.append(f"{self.name}: {case.describe()}: shape {got.shape} != expected {want.shape}")
+            return
+        diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+        self.cases.append({"batch": case.batch, "seq": case.seq, "padding": case.padding, "max_abs_diff": _finite(diff)})
+        if not diff <= self.atol:  # also catches NaN
+            self.problems.append(f"{self.name}: {case.describe()}: max abs diff {diff:.3g} > atol {self.atol:g}")
+
+    @property
+    def max_abs_diff(self) -> float:
+        diffs = [c["max_abs_diff"] for c in self.cases]
+        return max((float(d) for d in diffs), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {"atol": self.atol, "max_abs_diff": _finite(self.max_abs_diff), "passed": not self.problems,
+                "cases": self.cases}
+
+
+@dataclass
+class ValidationReport:
+    """All checks of one export; raises once, at the end, with every failure."""
+
+    checks: dict[str, Check] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def check(self, key: str, name: str, atol: float) -> Check:
+        self.checks[key] = Check(name, atol)
+        return self.checks[key]
+
+    def expect_outputs(self, mode: str, runner: OrtRunner, expected: str) -> None:
+        if expected not in runner.output_names:
+            self.problems.append(f"{mode}: graph outputs {runner.output_names} lack {expected!r}")
+
+    def failures(self) -> list[str]:
+        return self.problems + [p for c in self.checks.values() for p in c.problems]
+
+    def raise_if_failed(self) -> None:
+        if self.failures():
+            raise ExportValidationError(self.failures())
+
+    def figures(self, keys: list[str]) -> dict:
+        return {k: self.checks[k].to_dict() for k in keys if k in self.checks}
