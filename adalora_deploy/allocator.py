@@ -115,7 +115,8 @@ class RankAllocator:
         return budget_schedule(step, self.total_step, c.tinit, c.tfinal, self.b0, self.bT)
 
     def phase(self, step: int) -> str:
-        """"warmup" (step <= tinit), "final" (step > T - tfinal) or "budgeting" (in between)."""
+        """The schedule's phase at `step`: "warmup" (step <= tinit), "final" (step > T - tfinal, budget
+        bT; the mask is fixed at T - tfinal itself) or "budgeting" (in between)."""
         if step <= self.config.tinit:
             return "warmup"
         return "final" if step > self.final_step else "budgeting"
@@ -159,18 +160,17 @@ class RankAllocator:
             return
         params, grads, ibar, ubar = (list(x) for x in zip(*pairs, strict=True))
         b1, b2 = self.config.beta1, self.config.beta2
+        if params[0].dtype != torch.float32:  # half-precision adapters: score in fp32
+            params, grads = [p.float() for p in params], [g.float() for g in grads]
         sens = torch._foreach_mul(params, grads)  # I = w * dL/dw, per tensor
         torch._foreach_abs_(sens)
-        if sens[0].dtype != torch.float32:
-            sens = [t.float() for t in sens]
-        torch._foreach_mul_(ibar, b1)
-        torch._foreach_add_(ibar, sens, alpha=1 - b1)  # Ibar = b1 Ibar + (1 - b1) I
+        # lerp(x, y, 1 - b) = b x + (1 - b) y in one pass (equal to PEFT's two-term form within 1 ulp).
+        torch._foreach_lerp_(ibar, sens, 1 - b1)  # Ibar = b1 Ibar + (1 - b1) I
         if self.config.importance == "sensitivity":
             return  # s = Ibar: the uncertainty is not needed
         torch._foreach_sub_(sens, ibar)
         torch._foreach_abs_(sens)  # |I - Ibar|, with the updated Ibar as PEFT does
-        torch._foreach_mul_(ubar, b2)
-        torch._foreach_add_(ubar, sens, alpha=1 - b2)  # Ubar = b2 Ubar + (1 - b2) |I - Ibar|
+        torch._foreach_lerp_(ubar, sens, 1 - b2)  # Ubar = b2 Ubar + (1 - b2) |I - Ibar|
 
     def _apply(self, keep: torch.Tensor) -> None:
         """Write a flat keep-mask into every module: mask[i] = keep, lam[i] = 0 where not kept."""

@@ -32,7 +32,7 @@ def set_random_grads(mods, gen: torch.Generator, optimizer_like: bool = True) ->
     with torch.no_grad():
         for m in mods.values():
             for p in (m.P, m.lam, m.Q):
-                p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+                p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
                 if optimizer_like:
                     p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.device))
 
@@ -101,13 +101,16 @@ def two_steps_by_hand(mods, steps, metric):
 
 
 def weights_and_grads(mods) -> dict:
-    return {n: {k: (getattr(m, k).detach().clone(), getattr(m, k).grad.clone()) for k in ("P", "lam", "Q")}
+    return {n: {k: (getattr(m, k).detach().float().clone(), getattr(m, k).grad.float().clone()) for k in ("P", "lam", "Q")}
             for n, m in mods.items()}
 
 
-@pytest.mark.parametrize("metric", ["sensitivity-uncertainty", "sensitivity"])
-def test_scores_by_hand_two_steps(metric):
-    mods = small_adapters()
+@pytest.mark.parametrize(("metric", "dtype"), [
+    ("sensitivity-uncertainty", torch.float32), ("sensitivity", torch.float32),
+    ("sensitivity-uncertainty", torch.bfloat16),  # bf16 weights and grads, scored in fp32
+])
+def test_scores_by_hand_two_steps(metric, dtype):
+    mods = {k: m.to(dtype) for k, m in small_adapters().items()}
     cfg = AdaLoraConfig(init_r=4, target_r=1, beta1=B1, beta2=B2, tinit=5, importance=metric)
     alloc = RankAllocator(mods, cfg, total_step=10)
     gen = torch.Generator().manual_seed(1)
@@ -117,6 +120,7 @@ def test_scores_by_hand_two_steps(metric):
         seen.append(weights_and_grads(mods))
         alloc.update_and_allocate(step)
     expected = two_steps_by_hand(mods, seen, metric)
+    assert all(t.dtype == torch.float32 for t in alloc.state_dict()["ibar"])
     assert expected.shape == (3 + 2 + 4,) and expected.min() > 0
     torch.testing.assert_close(alloc.scores(), expected, atol=1e-7, rtol=1e-6)
 
