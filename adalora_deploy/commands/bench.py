@@ -1,0 +1,61 @@
+"""`adalora-deploy bench CHECKPOINT_OR_EXPORT_DIR`: merged against factored graphs and their
+references, timed interleaved in one process (runtime/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adalora_deploy.errors import ConfigError
+
+
+def int_list(text: str) -> list[int]:
+    """"1,8,32" -> [1, 8, 32]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,8,32") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 1,8,32")
+    return values
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="latency of merged vs factored graphs, PyTorch, the base model and Optimum's plain export",
+        description="Given a checkpoint, export every variant into a temporary directory and time them; given an "
+        "export directory, time what is there (plus PyTorch when the manifest's source checkpoint exists). "
+        "Variants run interleaved in one process; reports p50/p90/p99, throughput and ratios to merged, and "
+        "checks the targets.",
+    )
+    p.add_argument("source", metavar="CHECKPOINT_OR_EXPORT_DIR", help="a checkpoint, an export root or a mode dir")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="grid rows (default: 1,8,32)")
+    p.add_argument("--seq-lens", type=int_list, default=[32, 128], help="grid columns, tokens (default: 32,128)")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per variant and cell (default: 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant and cell (default: 3)")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="ONNX Runtime provider; auto takes CUDA when it really starts (default: auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for ONNX Runtime and PyTorch alike (default: all logical CPUs)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision; fp16 needs CUDA")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the results as a markdown page")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG plot")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from adalora_deploy.runtime.bench import BenchConfig, run_bench
+    from adalora_deploy.runtime.report import console_summary
+
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads ({args.threads}) must be >= 1")
+    kwargs = {"threads": args.threads} if args.threads else {}
+    config = BenchConfig(
+        batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, runs=args.runs, warmup=args.warmup,
+        provider=args.provider, dtype=args.dtype, **kwargs,
+    )
+    command = "adalora-deploy " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    result = run_bench(args.source, config, args.json, args.markdown, args.plot, command=command)
+    print(console_summary(result))
+    return 0

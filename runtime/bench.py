@@ -1,0 +1,326 @@
+"""`adalora-deploy bench`: latency of merged against factored graphs, and their references.
+
+All variants live in one process and are timed interleaved: for each grid cell, every variant
+is warmed up, then each of N rounds runs every variant once, in an order rotated per round, so
+that the machine's drift and noise fall on all of them alike. Reported per cell and variant:
+p50, p90, p99 latency, throughput (sequences/s at the median latency) and p50 ratio to merged.
+
+Targets (checked on every measured cell, printed as pass/fail):
+- merged_vs_base: |p50(merged) / p50(onnx_base) - 1| <= 3%.
+- factored_flop_overhead: (p50(factored_pruned) - p50(merged)) / p50(merged) <= 1.5 x FLOP share,
+  the share being the branch's FLOPs over the merged graph's (runtime/flops.py).
+- pruned_faster_than_unpruned: p50(factored_pruned) < p50(factored_unpruned).
+- merged_vs_optimum_plain: p50(merged) <= 0.90 x p50(optimum_plain) at batch 1 and 32, seq 128.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from adalora_deploy.errors import ConfigError
+
+from .session import SessionConfig
+from .variants import VARIANTS, Variant
+
+MERGED_TOLERANCE = 0.03
+FLOP_SHARE_FACTOR = 1.5
+OPTIMUM_SPEEDUP = 0.10
+OPTIMUM_CELLS = ((1, 128), (32, 128))
+
+
+@dataclass
+class BenchConfig:
+    """What `bench` measures; mirrors its flags.
+
+    Args:
+        batch_sizes: grid rows.
+        seq_lens: grid columns (tokens per sequence, no padding).
+        runs: timed runs per variant and cell.
+        warmup: untimed runs per variant and cell, first.
+        provider: "auto", "cuda" or "cpu" for ONNX Runtime (PyTorch follows it).
+        threads: intra-op threads for ONNX Runtime and PyTorch alike.
+        dtype: "fp32", or "fp16" (CUDA only).
+        seed: seed of the random token ids.
+    """
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    seq_lens: list[int] = field(default_factory=lambda: [32, 128])
+    runs: int = 30
+    warmup: int = 3
+    provider: str = "auto"
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    dtype: str = "fp32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or not self.seq_lens or min(self.batch_sizes + self.seq_lens) < 1:
+            raise ConfigError("batch sizes and sequence lengths must be non-empty lists of integers >= 1")
+        if self.runs < 1 or self.warmup < 0 or self.threads < 1:
+            raise ConfigError(f"runs ({self.runs}) and threads ({self.threads}) must be >= 1, warmup >= 0")
+        if self.dtype not in ("fp32", "fp16"):
+            raise ConfigError(f"dtype {self.dtype!r} must be fp32 or fp16")
+        if self.dtype == "fp16" and self.provider != "cuda":
+            raise ConfigError("fp16 graphs are benchmarked on CUDA only: pass --provider cuda")
+
+    def session_config(self) -> SessionConfig:
+        # One thread pool per session, sized like PyTorch's, so that neither side gets more cores.
+        return SessionConfig(provider=self.provider, intra_op_threads=self.threads, inter_op_threads=1, spinning=False)
+
+
+def make_feeds(batch: int, seq: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids (no special or padding ids), full attention, segment 0."""
+    rng = np.random.default_rng(seed)
+    low = min(1000, vocab_size - 1)
+    return {
+        "input_ids": rng.integers(low, vocab_size, size=(batch, seq), dtype=np.int64),  # (B, T)
+        "attention_mask": np.ones((batch, seq), dtype=np.int64),  # (B, T)
+        "token_type_ids": np.zeros((batch, seq), dtype=np.int64),  # (B, T)
+    }
+
+
+def time_cell(variants: list[Variant], feeds: dict, config: BenchConfig, progress=None) -> dict[str, list[float]]:
+    """Seconds per run for each variant: warm-up first, then rounds in rotating order."""
+    for v in variants:
+        for _ in range(config.warmup):
+            v.forward(feeds)
+        if progress is not None:
+            progress.update(config.warmup)
+    times = {v.name: [] for v in variants}
+    gc.collect()
+    gc.disable()  # a collection inside a timed call would be charged to one variant
+    try:
+        for i in range(config.runs):
+            k = i % len(variants)
+            for v in variants[k:] + variants[:k]:
+                start = time.perf_counter()
+                v.forward(feeds)
+                times[v.name].append(time.perf_counter() - start)
+            if progress is not None:
+                progress.update(len(variants))
+    finally:
+        gc.enable()
+    return times
+
+
+def summarize(seconds: list[float], batch: int) -> dict:
+    """p50/p90/p99/mean/min in ms and throughput in sequences/s at the median."""
+    ms = np.asarray(seconds) * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {
+        "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()), "throughput_seq_per_s": float(batch / (p50 / 1000.0)), "runs": len(ms),
+    }
+
+
+def measure_grid(variants: list[Variant], config: BenchConfig, vocab_size: int) -> list[dict]:
+    """One dict per (batch size, sequence length) cell with every variant's summary."""
+    from tqdm import tqdm
+
+    grid = [(b, s) for b in config.batch_sizes for s in config.seq_lens]
+    total = len(grid) * len(variants) * (config.warmup + config.runs)
+    cells = []
+    with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
+        for i, (b, s) in enumerate(grid):
+            bar.set_postfix_str(f"batch {b} seq {s}")
+            times = time_cell(variants, make_feeds(b, s, vocab_size, config.seed + i), config, bar)
+            results = {name: summarize(t, b) for name, t in times.items()}
+            add_ratios(results)
+            cells.append({"batch_size": b, "seq_len": s, "results": results})
+    return cells
+
+
+def add_ratios(results: dict) -> None:
+    """p50 of each variant over p50 of merged (None without a merged variant)."""
+    merged = results.get("merged", {}).get("p50_ms")
+    for r in results.values():
+        r["ratio_to_merged"] = r["p50_ms"] / merged if merged else None
+
+
+def _p50(cell: dict, name: str) -> float | None:
+    return cell["results"].get(name, {}).get("p50_ms")
+
+
+def _target(name: str, description: str, checks: list[dict]) -> dict:
+    passed = all(c["passed"] for c in checks) if checks else None  # None: variants not measured
+    return {"name": name, "description": description, "passed": passed, "cells": checks}
+
+
+def _check(cell: dict, value: float, limit: float, passed: bool) -> dict:
+    return {"batch_size": cell["batch_size"], "seq_len": cell["seq_len"], "value": value, "limit": limit,
+            "passed": bool(passed)}
+
+
+def check_targets(cells: list[dict], flops: dict[int, dict] | None) -> list[dict]:
+    """Evaluate the four targets on every cell where their variants were measured."""
+    merged_base, overhead, pruned, plain = [], [], [], []
+    for cell in cells:
+        m, base = _p50(cell, "merged"), _p50(cell, "onnx_base")
+        fp, fu, op = _p50(cell, "factored_pruned"), _p50(cell, "factored_unpruned"), _p50(cell, "optimum_plain")
+        if m and base:
+            dev = m / base - 1.0
+            merged_base.append(_check(cell, dev, MERGED_TOLERANCE, abs(dev) <= MERGED_TOLERANCE))
+        if m and fp and flops:
+            limit = FLOP_SHARE_FACTOR * flops[cell["seq_len"]]["share"]
+            overhead.append(_check(cell, fp / m - 1.0, limit, fp / m - 1.0 <= limit))
+        if fp and fu:
+            pruned.append(_check(cell, fp / fu, 1.0, fp < fu))
+        if m and op and (cell["batch_size"], cell["seq_len"]) in OPTIMUM_CELLS:
+            plain.append(_check(cell, m / op, 1.0 - OPTIMUM_SPEEDUP, m / op <= 1.0 - OPTIMUM_SPEEDUP))
+    return [
+        _target("merged_vs_base", "merged p50 within 3% of the ONNX base model's p50 (value: p50 ratio - 1)",
+                merged_base),
+        _target("factored_flop_overhead", "(factored_pruned - merged) / merged p50 <= 1.5 x FLOP share "
+                "(value: overhead; limit: 1.5 x share)", overhead),
+        _target("pruned_faster_than_unpruned", "factored_pruned p50 < factored_unpruned p50 (value: ratio)",
+                pruned),
+        _target("merged_vs_optimum_plain", "merged p50 <= 0.90 x Optimum plain export p50 at batch 1 and 32, "
+                "seq 128 (value: ratio)", plain),
+    ]
+
+
+def header(config: BenchConfig, variants: list[Variant], source: Path, command: str | None) -> dict:
+    """Device, providers actually used, thread counts and versions."""
+    import platform
+
+    import onnxruntime
+    import optimum
+    import torch
+    import transformers
+
+    from adalora_deploy import __version__
+
+    ort_providers = sorted({v.provider for v in variants if v.name != "pytorch"})
+    return {
+        "source": str(source), "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device_name(any(p.startswith("CUDA") for p in ort_providers)),
+        "provider": ", ".join(ort_providers), "providers": {v.name: v.provider for v in variants},
+        "threads": {"ort_intra_op": config.threads, "ort_inter_op": 1, "torch": torch.get_num_threads(),
+                    "cpu_count": os.cpu_count()},
+        "dtype": config.dtype, "runs": config.runs, "warmup": config.warmup,
+        "batch_sizes": config.batch_sizes, "seq_lens": config.seq_lens,
+        "versions": {
+            "adalora_deploy": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, "optimum": optimum.__version__
+            if hasattr(optimum, "__version__") else _dist_version("optimum"), "numpy": np.__version__,
+        },
+    }
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def device_name(cuda: bool) -> str:
+    """The GPU's name on CUDA, else the CPU model from /proc/cpuinfo (or platform)."""
+    import platform
+
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CUDA GPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_variants(dirs: dict, checkpoint: Path | None, config: BenchConfig) -> tuple[list[Variant], object]:
+    """Open every ONNX variant, plus PyTorch when the checkpoint is known; returns (variants, model)."""
+    from .variants import onnx_variant, pytorch_variant
+
+    session_config = config.session_config()
+    variants = [onnx_variant(name, Path(d), session_config) for name, d in dirs.items()]
+    model = None
+    if checkpoint is not None:
+        import torch
+
+        from adalora_deploy.model import AdaLoraModel
+
+        torch.set_num_threads(config.threads)
+        model = AdaLoraModel.from_pretrained(checkpoint)
+        on_cuda = any(v.provider.startswith("CUDA") for v in variants) and torch.cuda.is_available()
+        variants.append(pytorch_variant(model, checkpoint, "cuda" if on_cuda else "cpu", config.dtype == "fp16"))
+    variants.sort(key=lambda v: VARIANTS.index(v.name))
+    return variants, model
+
+
+def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> tuple[dict, Path | None]:
+    """{variant: model dir} and the checkpoint (or None), exporting first when given a checkpoint."""
+    from .variants import dirs_in_export, export_all, is_checkpoint, source_checkpoint
+
+    if is_checkpoint(source):
+        return export_all(source, workdir, config.dtype, export_fn), source
+    dirs = dirs_in_export(source)
+    return dirs, source_checkpoint(dirs)
+
+
+def run_bench(
+    source: str | os.PathLike, config: BenchConfig | None = None, json_path: str | None = None,
+    markdown_path: str | None = None, plot_path: str | None = None, command: str | None = None,
+    export_fn=None,
+) -> dict:
+    """Benchmark a checkpoint (exports everything into a temporary directory) or an export directory.
+
+    Args:
+        source: an AdaLoRA checkpoint, an export root, or one mode's directory.
+        config: grid, runs, provider and threads.
+        json_path, markdown_path, plot_path: where to write the results (skipped when None).
+        command: the command line, recorded in the header.
+        export_fn: the exporter (adalora_deploy.exporters.export by default).
+
+    Returns:
+        The results: header, variants, flops, cells, targets.
+    """
+    from .flops import count_flops
+    from .variants import model_config
+
+    config = config or BenchConfig()
+    source = Path(source)
+    with tempfile.TemporaryDirectory(prefix="adalora-bench-") as tmp:
+        dirs, checkpoint = locate(source, Path(tmp), config, export_fn)
+        variants, model = load_variants(dirs, checkpoint, config)
+        vocab = int(model_config(dirs).get("vocab_size") or model.model.config.vocab_size)
+        cells = measure_grid(variants, config, vocab)
+    flops = {s: count_flops(model, s).to_dict() for s in config.seq_lens} if model is not None else None
+    result = {
+        "header": header(config, variants, source, command),
+        "variants": {v.name: {"description": v.description, "provider": v.provider} for v in variants},
+        "flops": {str(s): f for s, f in flops.items()} if flops else None,
+        "cells": cells,
+        "targets": check_targets(cells, flops),
+        "config": asdict(config),
+    }
+    write_outputs(result, json_path, markdown_path, plot_path)
+    return result
+
+
+def write_outputs(result: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
+    """Write whichever of the JSON, markdown and PNG outputs were asked for, each atomically."""
+    import json
+
+    from .report import render_markdown, write_text_atomic
+
+    if json_path:
+        write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
+    if markdown_path:
+        write_text_atomic(markdown_path, render_markdown(result))
+    if plot_path:
+        from .plots import plot_bench
+
+        plot_bench(result, plot_path)

@@ -1,0 +1,101 @@
+"""Bench results as a markdown page and a console summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(result: dict) -> list[str]:
+    """One row per cell and variant."""
+    rows = [
+        "| batch | seq | variant | p50 ms | p90 ms | p99 ms | seq/s | p50 / merged |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for cell in result["cells"]:
+        for name, r in cell["results"].items():
+            rows.append(
+                f"| {cell['batch_size']} | {cell['seq_len']} | {name} | {_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | "
+                f"{_fmt(r['p99_ms'])} | {_fmt(r['throughput_seq_per_s'], 1)} | {_fmt(r['ratio_to_merged'], 3)} |"
+            )
+    return rows
+
+
+def flops_lines(result: dict) -> list[str]:
+    if not result.get("flops"):
+        return ["FLOP share: not computed (no checkpoint to read ranks and shapes from)."]
+    rows = [
+        "| seq | merged GFLOP/seq | branch (pruned) MFLOP/seq | FLOP share pruned | FLOP share unpruned |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for seq, f in result["flops"].items():
+        rows.append(
+            f"| {seq} | {f['merged'] / 1e9:.3f} | {f['branch_pruned'] / 1e6:.2f} | {100 * f['share']:.2f}% | "
+            f"{100 * f['share_unpruned']:.2f}% |"
+        )
+    return rows
+
+
+def _verdict(passed: bool | None) -> str:
+    return "not measured" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def target_lines(result: dict) -> list[str]:
+    """One line per target, then one per checked cell."""
+    lines = []
+    for t in result["targets"]:
+        lines.append(f"- **{_verdict(t['passed'])}** `{t['name']}`: {t['description']}")
+        for c in t["cells"]:
+            lines.append(
+                f"  - batch {c['batch_size']}, seq {c['seq_len']}: value {c['value']:+.4f}, limit {c['limit']:.4f} "
+                f"-> {_verdict(c['passed'])}"
+            )
+    return lines
+
+
+def header_lines(result: dict) -> list[str]:
+    h = result["header"]
+    threads = ", ".join(f"{k} {v}" for k, v in h["threads"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in h["versions"].items())
+    return [
+        f"- command: `{h['command']}`" if h.get("command") else f"- source: `{h['source']}`",
+        f"- date: {h['date']}",
+        f"- device: {h['device']}",
+        f"- provider (actually used): {h['provider']}; per variant: "
+        + ", ".join(f"{k} {v}" for k, v in h["providers"].items()),
+        f"- threads: {threads}",
+        f"- dtype {h['dtype']}; {h['warmup']} warm-up + {h['runs']} timed runs per variant and cell, "
+        "interleaved in one process (order rotated every round)",
+        f"- versions: {versions}",
+    ]
+
+
+def render_markdown(result: dict) -> str:
+    """The whole results page."""
+    variants = [f"- `{name}`: {v['description']}" for name, v in result["variants"].items()]
+    parts = [
+        "# adalora-deploy bench", "", *header_lines(result), "", "## Variants", "", *variants, "",
+        "## Latency", "", "Throughput is sequences per second at the median latency.", "",
+        *results_table(result), "", "## FLOPs", "",
+        "Per sequence; the share is the factored branch's FLOPs over the merged graph's (runtime/flops.py).",
+        "", *flops_lines(result), "", "## Targets", "", *target_lines(result), "",
+    ]
+    return "\n".join(parts)
+
+
+def console_summary(result: dict) -> str:
+    """What `bench` prints: the table, the FLOP share and the targets."""
+    return "\n".join([*results_table(result), "", *flops_lines(result), "", *target_lines(result)])
