@@ -137,6 +137,7 @@ _STOP = object()
 
 @dataclass
 class BatchStats:
+    received: int = 0  # requests queued so far (requests counts those that have run)
     requests: int = 0
     inputs: int = 0
     batches: int = 0
@@ -177,6 +178,7 @@ class MicroBatcher:
     async def submit(self, inputs: list[TextInput]) -> list[dict]:
         """Queue one request's inputs; returns one record per input once its batch has run."""
         future = asyncio.get_running_loop().create_future()
+        self.stats.received += 1
         await self._queue.put(_Job(inputs, future))
         return await future
 

@@ -112,8 +112,15 @@ def zero_adapter_checkpoint(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def optimum_plain_export(checkpoint: Path, out: Path, opset: int | None = None) -> Path:
-    """Optimum's plain ONNX export (no ORT transformer optimisation) of the merged PyTorch model."""
+def optimum_plain_export(checkpoint: Path, out: Path, opset: int | None = None, fp16: bool = False) -> Path:
+    """Optimum's plain ONNX export (no ORT transformer optimisation) of the merged PyTorch model.
+
+    Args:
+        checkpoint: the AdaLoRA checkpoint.
+        out: the directory to write.
+        opset: the opset of our own export, so that the two graphs differ only in optimisation.
+        fp16: export in half precision (traced on CUDA, as Optimum requires for fp16).
+    """
     from optimum.exporters.onnx import onnx_export_from_model
 
     from adalora_deploy.layers import merge_adapters
@@ -121,8 +128,11 @@ def optimum_plain_export(checkpoint: Path, out: Path, opset: int | None = None) 
 
     adapted = AdaLoraModel.from_pretrained(checkpoint).eval()
     merged = merge_adapters(adapted.model)  # plain transformers model, adapter folded into W0
+    device = "cuda" if fp16 else "cpu"
+    merged = merged.half().to(device) if fp16 else merged
     onnx_export_from_model(
         merged, out, task=OPTIMUM_TASKS[adapted.task], opset=opset, do_validation=False, optimize=None,
+        device=device,
     )
     return out
 
@@ -148,7 +158,7 @@ def export_all(checkpoint: Path, workdir: Path, dtype: str = "fp32", export_fn: 
     zero = zero_adapter_checkpoint(checkpoint, workdir / "zero-adapter-checkpoint")
     base = export_fn(zero, workdir / "base", mode="merged", prune_ranks=True, dtype=dtype)
     opset = (read_manifest(Path(pruned) / "merged") or {}).get("opset")
-    plain = optimum_plain_export(checkpoint, workdir / "optimum-plain", opset=opset)
+    plain = optimum_plain_export(checkpoint, workdir / "optimum-plain", opset=opset, fp16=dtype == "fp16")
     return {
         "onnx_base": Path(base) / "merged",
         "merged": Path(pruned) / "merged",
@@ -191,7 +201,7 @@ def source_checkpoint(model_dirs: dict) -> Path | None:
     """The checkpoint an export came from, when its manifest names one that still exists."""
     for model_dir in model_dirs.values():
         manifest = read_manifest(model_dir) or {}
-        for key in ("source_checkpoint", "checkpoint", "source_checkpoint_path"):
+        for key in ("source", "source_checkpoint", "checkpoint"):
             value = manifest.get(key)
             if isinstance(value, dict):
                 value = value.get("path")
