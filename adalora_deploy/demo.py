@@ -1,0 +1,339 @@
+"""`adalora-deploy demo`: the whole product on real material in one command.
+
+The packaged MiniLM is fine-tuned with AdaLoRA on the builtin Rotten Tomatoes set (scored on its
+fixed held-out 1,000), exported to pruned merged and factored ONNX graphs (validated against
+PyTorch), scored again through ONNX Runtime, benchmarked against PyTorch, and summarised. Every
+figure of the summary is read back from the artifacts the stages wrote:
+
+    OUT/checkpoint/         the AdaLoRA checkpoint (train)
+    OUT/onnx/merged/        pruned adapter folded into W0 (export --prune-ranks)
+    OUT/onnx/factored/      pruned low-rank branch beside W0
+    OUT/bench.json, .md     p50/p90/p99 latency of merged, factored and PyTorch (bench)
+    OUT/latency.png
+    OUT/ranks.png           the paper's heatmap of final ranks
+    OUT/demo_summary.json   the summary below, as JSON
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .data import ROTTEN_TOMATOES
+from .errors import ConfigError
+from .io import check_output_dir, read_json, write_json
+
+SUMMARY_FILE = "demo_summary.json"
+STAGES = 5
+# --fast: a few steps and a one-cell benchmark, for tests and smoke runs (the figures mean little).
+FAST = {"steps": 8, "bench_batch_sizes": [1], "bench_seq_lens": [16], "bench_runs": 3}
+FULL = {"steps": 300, "bench_batch_sizes": [1, 32], "bench_seq_lens": [64], "bench_runs": 20}
+VARIANT_KEYS = {"merged": "merged", "factored": "factored_pruned", "pytorch": "pytorch"}
+
+
+@dataclass
+class DemoConfig:
+    """The `adalora-deploy demo` flags, one field per flag.
+
+    Args:
+        out: the output directory (refused when non-empty unless `overwrite`).
+        overwrite: replace a non-empty `out` (the old one is kept until the demo succeeds).
+        model: base model path or hub id; None takes the packaged MiniLM.
+        data: training data as for `train --data` (default: the builtin Rotten Tomatoes set,
+            held-out 1,000 fixed).
+        steps, batch_size, lr, max_length, seed, init_r, target_r: as for `train`.
+        bench_batch_sizes, bench_seq_lens, bench_runs: the latency grid (as `bench`).
+        provider: ONNX Runtime provider for scoring and bench: auto, cuda or cpu.
+        fast: a few steps and a one-cell bench, for tests; explicit values still win.
+        progress: show stage headers and progress bars.
+    """
+
+    out: str = "demo-output"
+    overwrite: bool = False
+    model: str | None = None
+    data: str = ROTTEN_TOMATOES
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_length: int = 64
+    seed: int = 0
+    init_r: int = 12
+    target_r: int = 4
+    bench_batch_sizes: list[int] | None = None
+    bench_seq_lens: list[int] | None = None
+    bench_runs: int | None = None
+    provider: str = "auto"
+    fast: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        defaults = FAST if self.fast else FULL
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.bench_runs < 1:
+            raise ConfigError(f"bench_runs ({self.bench_runs}) must be >= 1")
+        if self.provider not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"provider {self.provider!r} must be auto, cuda or cpu")
+
+
+@dataclass
+class DemoPaths:
+    """Where each stage writes, under one root."""
+
+    root: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "onnx"
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+
+# -- output directory ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield `out` itself (the stages record absolute paths to each other's artifacts, so they must
+    be written where they will stay); on any error remove it and put back what was there before.
+
+    A non-empty `out` is refused unless `overwrite`; then it is moved aside and deleted only once
+    the demo has succeeded.
+    """
+    out = check_output_dir(out, overwrite).absolute()
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Stages:
+    """Numbered stage headers with the seconds each stage took."""
+
+    def __init__(self, show: bool):
+        self.show = show
+        self.seconds: dict[str, float] = {}
+        self.count = 0
+
+    @contextlib.contextmanager
+    def stage(self, key: str, title: str) -> Iterator[None]:
+        self.count += 1
+        if self.show:
+            print(f"\n[{self.count}/{STAGES}] {title}", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[key] = round(time.perf_counter() - start, 2)
+        if self.show:
+            print(f"[{self.count}/{STAGES}] done in {self.seconds[key]:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def export_logging(show: bool) -> Iterator[None]:
+    """Print the exporter's step messages (its `adalora_deploy.export` logger) while exporting."""
+    import logging
+
+    logger = logging.getLogger("adalora_deploy.export")
+    if not show or logger.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("  [export] %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+# -- the stages ----------------------------------------------------------------------------------
+
+
+def train_stage(cfg: DemoConfig, paths: DemoPaths):
+    """Train AdaLoRA and write the checkpoint; returns the TrainResult."""
+    from .training import train
+
+    return train(
+        progress=cfg.progress, model=cfg.model, data=cfg.data, steps=cfg.steps, batch_size=cfg.batch_size,
+        lr=cfg.lr, max_length=cfg.max_length, seed=cfg.seed, init_r=cfg.init_r, target_r=cfg.target_r,
+        out=str(paths.checkpoint),
+    )
+
+
+def export_stage(cfg: DemoConfig, paths: DemoPaths) -> Path:
+    """Export pruned merged and factored graphs, validated against PyTorch."""
+    from .exporters import export
+
+    with export_logging(cfg.progress):
+        return export(paths.checkpoint, paths.onnx, mode="both", prune_ranks=True, validate=True)
+
+
+def score_stage(cfg: DemoConfig, paths: DemoPaths, heldout) -> dict[str, float]:
+    """Held-out accuracy of each exported graph, through the runtime's Predictor (text in, label out)."""
+    from .runtime.predictor import Predictor
+
+    inputs = list(zip(heldout.texts, heldout.text_pairs, strict=True)) if heldout.text_pairs else heldout.texts
+    scores = {}
+    for mode in ("merged", "factored"):
+        predictor = Predictor.from_pretrained(paths.onnx, provider=cfg.provider, mode=mode, max_length=cfg.max_length)
+        label_ids = predictor.predict(inputs, batch_size=128).label_ids  # (N,)
+        scores[mode] = sum(int(p) == y for p, y in zip(label_ids, heldout.labels, strict=True)) / len(heldout)
+        if cfg.progress:
+            print(f"  ONNX {mode} ({predictor.provider}): {scores[mode]:.4f} on {len(heldout)} held-out examples")
+    return scores
+
+
+def bench_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
+    """Latency of merged, factored and PyTorch, interleaved in this process (runtime bench)."""
+    from .runtime.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        batch_sizes=list(cfg.bench_batch_sizes), seq_lens=list(cfg.bench_seq_lens), runs=cfg.bench_runs,
+        warmup=2, provider=cfg.provider,
+    )
+    return run_bench(
+        paths.onnx, config, json_path=str(paths.file("bench.json")), markdown_path=str(paths.file("bench.md")),
+        plot_path=str(paths.file("latency.png")), command="adalora-deploy demo",
+    )
+
+
+def heatmap_stage(paths: DemoPaths) -> Path:
+    from .report import plot_heatmap, rank_report
+
+    return plot_heatmap(rank_report(paths.checkpoint), paths.file("ranks.png"))
+
+
+# -- the summary, read back from the artifacts -----------------------------------------------------
+
+
+def majority_share(labels: list[int]) -> float:
+    """What always answering the most frequent class scores."""
+    return Counter(labels).most_common(1)[0][1] / len(labels)
+
+
+def latency_rows(bench: dict) -> list[dict]:
+    """p50 ms of merged, factored and PyTorch for every bench cell."""
+    rows = []
+    for cell in bench["cells"]:
+        row = {"batch_size": cell["batch_size"], "seq_len": cell["seq_len"]}
+        for key, variant in VARIANT_KEYS.items():
+            row[key] = cell["results"].get(variant, {}).get("p50_ms")
+        rows.append(row)
+    return rows
+
+
+def build_summary(cfg: DemoConfig, paths: DemoPaths, onnx_accuracy: dict, majority: float, bench: dict) -> dict:
+    """The demo's figures, each taken from the artifact that holds it.
+
+    Accuracy: the checkpoint's recorded eval accuracy (PyTorch) and the exported graphs scored by
+    ONNX Runtime; budget: kept triplets counted from the checkpoint's masks; adapter parameters:
+    the pruned export's manifest; latency: the bench results.
+    """
+    from .report import rank_report
+
+    meta = read_json(paths.checkpoint / "adalora_config.json", "checkpoint config")
+    ranks = rank_report(paths.checkpoint)
+    manifest = read_json(paths.onnx / "merged" / "adalora_manifest.json", "export manifest")
+    return {
+        "model": meta["base_model"]["name_or_path"], "data": cfg.data, "train_steps": meta["steps_done"],
+        "heldout_examples": meta["eval_examples"], "majority_class_accuracy": majority,
+        "accuracy": {"pytorch": meta["eval_accuracy"], **{f"onnx_{k}": v for k, v in onnx_accuracy.items()}},
+        "budget": ranks.budget, "budget_initial": ranks.init_r * len(ranks.ranks),
+        "budget_target": ranks.target_r * len(ranks.ranks), "modules": len(ranks.ranks),
+        "init_r": ranks.init_r, "target_r": ranks.target_r,
+        "adapter_params_before": manifest["adapter_params_before"],
+        "adapter_params_after": manifest["adapter_params_after"],
+        "latency_p50_ms": latency_rows(bench),
+        "bench_provider": bench["variants"].get("merged", {}).get("provider"),
+        "bench_threads": bench["config"]["threads"],
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The one summary the demo prints."""
+    acc = summary["accuracy"]
+    before, after = summary["adapter_params_before"], summary["adapter_params_after"]
+    lines = [
+        "", "=" * 78, f"AdaLoRA demo: {Path(str(summary['model'])).name} on {summary['data']}, "
+        f"{summary['train_steps']} steps", "=" * 78,
+        f"held-out accuracy ({summary['heldout_examples']} examples): PyTorch {acc['pytorch']:.4f} | "
+        f"ONNX merged {acc['onnx_merged']:.4f} | ONNX factored {acc['onnx_factored']:.4f} "
+        f"(majority class {summary['majority_class_accuracy']:.4f})",
+        f"rank budget: {summary['budget']} triplets kept of {summary['budget_initial']} "
+        f"(init_r {summary['init_r']} -> target_r {summary['target_r']} x {summary['modules']} modules)",
+        f"adapter params: {before:,} before pruning -> {after:,} after ({100 * after / before:.1f}%)",
+        f"p50 latency, ms ({summary['bench_provider']}, {summary['bench_threads']} threads):",
+    ]
+    for row in summary["latency_p50_ms"]:
+        cells = " | ".join(f"{k} {_ms(row[k])}" for k in VARIANT_KEYS)
+        lines.append(f"  batch {row['batch_size']:>3}, seq {row['seq_len']}: {cells}")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def demo(**kwargs) -> dict:
+    """Train, export, score, bench and summarise, all under one output directory.
+
+    Args:
+        kwargs: the fields of DemoConfig, i.e. the CLI flags one to one (out, overwrite, model,
+            data, steps, batch_size, lr, max_length, seed, init_r, target_r, bench_batch_sizes,
+            bench_seq_lens, bench_runs, provider, fast, progress).
+    Returns:
+        The summary dict, also written to OUT/demo_summary.json, with "out" and "seconds" added.
+    """
+    from .data import load_splits
+
+    cfg = DemoConfig(**kwargs)
+    start = time.perf_counter()
+    stages = Stages(cfg.progress)
+    with staged_output_dir(cfg.out, cfg.overwrite) as root:
+        paths = DemoPaths(root)
+        heldout = load_splits(cfg.data)[1]
+        with stages.stage("train", f"training AdaLoRA ({cfg.steps} steps, init_r {cfg.init_r} -> target_r {cfg.target_r})"):
+            train_stage(cfg, paths)
+        with stages.stage("export", "exporting pruned merged and factored ONNX graphs, validated against PyTorch"):
+            export_stage(cfg, paths)
+        with stages.stage("score", f"scoring the ONNX graphs on the {len(heldout)} held-out examples"):
+            onnx_accuracy = score_stage(cfg, paths, heldout)
+        with stages.stage("bench", "timing merged, factored and PyTorch (interleaved)"):
+            bench = bench_stage(cfg, paths)
+        with stages.stage("heatmap", "drawing the rank heatmap"):
+            heatmap_stage(paths)
+        summary = build_summary(cfg, paths, onnx_accuracy, majority_share(heldout.labels), bench)
+        summary["seconds"] = {**stages.seconds, "total": round(time.perf_counter() - start, 2)}
+        summary["out"] = str(root)
+        summary["config"] = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+        write_json(paths.file(SUMMARY_FILE), summary)
+    return summary
