@@ -20,6 +20,7 @@ from onnx import NodeProto
 
 from .errors import ExportError
 from .factored import BRANCH_NAME
+from .specs import FUSIONS, FusionSpec
 
 LABEL_PREFIX = f"{BRANCH_NAME}:"  # canonical branch node names: "adalora_branch:<module path>/down"
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's hard limit on one file
@@ -158,13 +159,14 @@ def reattach_branches(model: onnx.ModelProto, detached: DetachedBranches) -> Non
     graph.initializer.extend(detached.initializers)
 
 
-def fusion_options(attention_op: str):
-    """ONNX Runtime fusion options: raw 2-D attention mask (any padding side), the given attention op."""
+def fusion_options(attention_op: str, fusions: FusionSpec):
+    """ONNX Runtime's FusionOptions for the declared fusions and the mode's attention op."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions("bert")
-    # The BERT default (mask index) assumes right padding; the raw mask is correct for any padding.
-    options.use_raw_attention_mask(True)
+    options.use_raw_attention_mask(fusions.raw_attention_mask)
+    options.enable_skip_layer_norm = fusions.skip_layer_norm
+    options.enable_bias_skip_layer_norm = fusions.skip_layer_norm
     options.use_multi_head_attention = attention_op == "MultiHeadAttention"
     return options
 
@@ -181,7 +183,8 @@ def optimize(model: onnx.ModelProto, arch, config, attention_op: str, has_branch
     detached = detach_branches(model) if has_branches else None
     optimized = optimize_model(
         model, model_type=arch.ort_model_type, num_heads=getattr(config, arch.num_heads_attr),
-        hidden_size=getattr(config, arch.hidden_size_attr), optimization_options=fusion_options(attention_op),
+        hidden_size=getattr(config, arch.hidden_size_attr),
+        optimization_options=fusion_options(attention_op, FUSIONS),
         opt_level=1, use_gpu=False,
     )
     counts = optimized.get_fused_operator_statistics()
