@@ -35,13 +35,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _show_progress() -> None:
+    """Step lines on the current stderr (re-bound on every run, so repeated calls in one process work)."""
     import logging
+    import sys
 
     logger = logging.getLogger("adalora_deploy.export")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[export] %(message)s"))
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "_adalora_progress", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[export] %(message)s"))
+    handler._adalora_progress = True
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
