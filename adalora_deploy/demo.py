@@ -19,6 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -47,7 +50,10 @@ class DemoConfig:
         model: base model path or hub id; None takes the packaged MiniLM.
         data: training data as for `train --data` (default: the builtin Rotten Tomatoes set,
             held-out 1,000 fixed).
-        steps, batch_size, lr, max_length, seed, init_r, target_r: as for `train`.
+        steps, batch_size, lr, max_length, seed, init_r, target_r, alpha: as for `train`. The
+            defaults differ from `train`'s in lr (1e-2) and alpha (96, so s = alpha / init_r = 8):
+            lam starts at 0, and with a smaller lr and s (3e-3, s = 2) AdaLoRA had not left the
+            majority class after 150 steps on this data (benchmarks/quality/quality.md).
         bench_batch_sizes, bench_seq_lens, bench_runs: the latency grid (as `bench`).
         provider: ONNX Runtime provider for scoring and bench: auto, cuda or cpu.
         fast: a few steps and a one-cell bench, for tests; explicit values still win.
@@ -60,11 +66,12 @@ class DemoConfig:
     data: str = ROTTEN_TOMATOES
     steps: int | None = None
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-2
     max_length: int = 64
     seed: int = 0
     init_r: int = 12
     target_r: int = 4
+    alpha: float = 96.0
     bench_batch_sizes: list[int] | None = None
     bench_seq_lens: list[int] | None = None
     bench_runs: int | None = None
@@ -129,6 +136,20 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while the demo runs, so that a killed demo cleans up its output
+    directory like a failed one (only possible from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Stages:
     """Numbered stage headers with the seconds each stage took."""
 
@@ -182,7 +203,7 @@ def train_stage(cfg: DemoConfig, paths: DemoPaths):
     return train(
         progress=cfg.progress, model=cfg.model, data=cfg.data, steps=cfg.steps, batch_size=cfg.batch_size,
         lr=cfg.lr, max_length=cfg.max_length, seed=cfg.seed, init_r=cfg.init_r, target_r=cfg.target_r,
-        out=str(paths.checkpoint),
+        alpha=cfg.alpha, out=str(paths.checkpoint),
     )
 
 
@@ -308,7 +329,7 @@ def demo(**kwargs) -> dict:
 
     Args:
         kwargs: the fields of DemoConfig, i.e. the CLI flags one to one (out, overwrite, model,
-            data, steps, batch_size, lr, max_length, seed, init_r, target_r, bench_batch_sizes,
+            data, steps, batch_size, lr, max_length, seed, init_r, target_r, alpha, bench_batch_sizes,
             bench_seq_lens, bench_runs, provider, fast, progress).
     Returns:
         The summary dict, also written to OUT/demo_summary.json, with "out" and "seconds" added.
@@ -318,7 +339,7 @@ def demo(**kwargs) -> dict:
     cfg = DemoConfig(**kwargs)
     start = time.perf_counter()
     stages = Stages(cfg.progress)
-    with staged_output_dir(cfg.out, cfg.overwrite) as root:
+    with sigterm_as_exit(), staged_output_dir(cfg.out, cfg.overwrite) as root:
         paths = DemoPaths(root)
         heldout = load_splits(cfg.data)[1]
         with stages.stage("train", f"training AdaLoRA ({cfg.steps} steps, init_r {cfg.init_r} -> target_r {cfg.target_r})"):

@@ -127,3 +127,26 @@ def test_staged_output_dir_restores_the_old_directory_on_failure(tmp_path):
     with pytest.raises(OutputExistsError):
         with staged_output_dir(out):
             pass
+
+
+@pytest.mark.slow
+def test_a_killed_demo_puts_the_old_output_back(tmp_path, tiny_bert_dir, small_csv):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    cmd = [sys.executable, "-m", "adalora_deploy", "demo", "--out", str(out), "--overwrite", "--fast",
+           "--model", str(tiny_bert_dir), "--data", str(small_csv)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while (out / "old.txt").exists() and time.monotonic() < deadline:  # moved aside once the demo starts
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]

@@ -23,8 +23,6 @@ from adalora_deploy.training import EVAL_BATCH_SIZE, MAX_GRAD_NORM, WARMUP_FRACT
 
 # The paper's adapted modules for BERT: every attention and FFN projection (36 on MiniLM).
 TARGET_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-# Every method uses the same adapter scaling s = alpha / r (r = init_r for AdaLoRA).
-SCALING = 2.0
 # The paper starts AdaLoRA at 1.5x its final budget: init_r = ceil(1.5 * target_r).
 INIT_FACTOR = 1.5
 
@@ -135,16 +133,19 @@ def init_rank(target_r: int) -> int:
 # -- the three methods -----------------------------------------------------------------------------
 
 
-def build_ours(base, target_r: int, steps: int, orth_reg: float, importance: str, schedule: tuple) -> Method:
+def build_ours(
+    base, target_r: int, steps: int, orth_reg: float, importance: str, schedule: tuple, scaling: float,
+) -> Method:
     """Our AdaLoRA through the library's Python API: prepare_model + RankAllocator + orth penalty.
 
     Args:
         base: the classifier to adapt (moved to the device already).
-        target_r: average final rank; init_r = ceil(1.5 * target_r), alpha = SCALING * init_r.
+        target_r: average final rank; init_r = ceil(1.5 * target_r), alpha = scaling * init_r.
         steps: T of the budget schedule.
         orth_reg: gamma.
         importance: the allocator's importance metric.
         schedule: (tinit, tfinal, delta_t).
+        scaling: s = alpha / init_r.
     """
     from adalora_deploy.allocator import RankAllocator
     from adalora_deploy.config import AdaLoraConfig
@@ -153,7 +154,7 @@ def build_ours(base, target_r: int, steps: int, orth_reg: float, importance: str
     tinit, tfinal, delta_t = schedule
     init_r = init_rank(target_r)
     config = AdaLoraConfig(
-        target_modules=TARGET_MODULES, init_r=init_r, target_r=target_r, alpha=SCALING * init_r,
+        target_modules=TARGET_MODULES, init_r=init_r, target_r=target_r, alpha=scaling * init_r,
         tinit=tinit, tfinal=tfinal, delta_t=delta_t, orth_reg=orth_reg, importance=importance, total_step=steps,
     )
     model = prepare_model(base, config)
@@ -163,18 +164,18 @@ def build_ours(base, target_r: int, steps: int, orth_reg: float, importance: str
                   lambda: model.parameter_counts()["adapter_params_after"], model.ranks)
 
 
-def build_peft_lora(base, r: int) -> Method:
+def build_peft_lora(base, r: int, scaling: float) -> Method:
     """PEFT's LoRA at rank r on TARGET_MODULES; task type SEQ_CLS also trains the classifier head."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     model = get_peft_model(base, LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=r, lora_alpha=SCALING * r, lora_dropout=0.0, target_modules=TARGET_MODULES,
+        task_type=TaskType.SEQ_CLS, r=r, lora_alpha=scaling * r, lora_dropout=0.0, target_modules=TARGET_MODULES,
     ))
     count = sum(p.numel() for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n)
     return Method(model, None, None, lambda: count)
 
 
-def build_peft_adalora(base, target_r: int, steps: int, orth_reg: float, schedule: tuple) -> Method:
+def build_peft_adalora(base, target_r: int, steps: int, orth_reg: float, schedule: tuple, scaling: float) -> Method:
     """PEFT's AdaLoRA with update_and_allocate(step) after every optimizer step.
 
     PEFT adds its orth penalty inside forward when labels are given, as the mean over the P and Q
@@ -186,7 +187,7 @@ def build_peft_adalora(base, target_r: int, steps: int, orth_reg: float, schedul
     tinit, tfinal, delta_t = schedule
     init_r = init_rank(target_r)
     model = get_peft_model(base, AdaLoraConfig(
-        task_type=TaskType.SEQ_CLS, init_r=init_r, target_r=target_r, lora_alpha=SCALING * init_r,
+        task_type=TaskType.SEQ_CLS, init_r=init_r, target_r=target_r, lora_alpha=scaling * init_r,
         lora_dropout=0.0, target_modules=TARGET_MODULES, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
         orth_reg_weight=2 * orth_reg, total_step=steps,
     ))

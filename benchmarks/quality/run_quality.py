@@ -71,6 +71,9 @@ class Settings:
     steps: int
     batch_size: int
     lr: float
+    scaling: float
+    adalora_lr: float
+    adalora_scaling: float
     max_length: int
     train_subset: int
     device: str
@@ -117,11 +120,12 @@ def build_method(spec: RunSpec, settings: Settings, id2label):
     torch.manual_seed(spec.seed)
     base = methods.load_classifier(resolve_model_path(settings.model), id2label).to(settings.device)
     schedule = (settings.tinit, settings.tfinal, settings.delta_t)
+    s = settings.adalora_scaling
     if spec.method == "lora":
-        return methods.build_peft_lora(base, spec.rank)
+        return methods.build_peft_lora(base, spec.rank, settings.scaling)
     if spec.method == "peft-adalora":
-        return methods.build_peft_adalora(base, spec.rank, settings.steps, spec.orth_reg, schedule)
-    return methods.build_ours(base, spec.rank, settings.steps, spec.orth_reg, spec.importance, schedule)
+        return methods.build_peft_adalora(base, spec.rank, settings.steps, spec.orth_reg, schedule, s)
+    return methods.build_ours(base, spec.rank, settings.steps, spec.orth_reg, spec.importance, schedule, s)
 
 
 def run_one(spec: RunSpec, settings: Settings, data, bar) -> dict:
@@ -131,7 +135,8 @@ def run_one(spec: RunSpec, settings: Settings, data, bar) -> dict:
     id2label, train, heldout = data
     start = time.perf_counter()
     method = build_method(spec, settings, id2label)
-    schedule = methods.Schedule(settings.steps, settings.batch_size, settings.lr, settings.device)
+    lr = settings.lr if spec.method == "lora" else settings.adalora_lr
+    schedule = methods.Schedule(settings.steps, settings.batch_size, lr, settings.device)
     outcome = methods.run_method(method, train, heldout, schedule, spec.seed, bar)
     return {
         "run_id": spec.run_id, "spec": dataclasses.asdict(spec), "settings": dataclasses.asdict(settings),
@@ -165,7 +170,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base model (default: the packaged MiniLM)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3, help="one AdamW lr for every method")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of LoRA (adapters and head)")
+    p.add_argument("--scaling", type=float, default=2.0, help="LoRA's s = alpha / r")
+    p.add_argument("--adalora-lr", type=float, default=1e-2, help="AdamW lr of both AdaLoRAs (adapters and head)")
+    p.add_argument("--adalora-scaling", type=float, default=8.0, help="AdaLoRA's s = alpha / init_r (ours and PEFT)")
     p.add_argument("--max-length", type=int, default=40)
     p.add_argument("--train-subset", type=int, default=0, help="training rows (0 = all 11,808)")
     p.add_argument("--device", default="cpu")
@@ -188,8 +196,8 @@ def settings_from(args) -> Settings:
 
     # The schedule defaults of `adalora-deploy train` for this many steps (10% / 30% / 1%).
     t = TrainConfig(steps=args.steps, init_r=12, target_r=4)
-    return Settings(args.model, args.steps, args.batch_size, args.lr, args.max_length, args.train_subset,
-                    args.device, t.tinit, t.tfinal, t.delta_t)
+    return Settings(args.model, args.steps, args.batch_size, args.lr, args.scaling, args.adalora_lr,
+                    args.adalora_scaling, args.max_length, args.train_subset, args.device, t.tinit, t.tfinal, t.delta_t)
 
 
 def split_list(text: str, kind=str) -> list:
