@@ -97,10 +97,29 @@ def label_branches(model: onnx.ModelProto, names: dict[str, str]) -> list[Branch
             f"low-rank branches in the graph ({sorted(counts)}) do not match the adapted modules "
             f"({sorted(names)}); export with --mode merged and report this"
         )
+    _read_weights_directly(graph, [node for b in found for node in (b.down, b.up)])
     for b in found:
         b.module = names[b.module]
         b.down.name, b.up.name, b.join.name = (f"{LABEL_PREFIX}{b.module}/{part}" for part in ("down", "up", "add"))
     return found
+
+
+def _read_weights_directly(graph: onnx.GraphProto, nodes: list[NodeProto]) -> None:
+    """Point `nodes` at initializers instead of Identity copies of them.
+
+    TorchScript stores equal initializers once and gives the other users an Identity of it (two
+    rank-0 modules of an unpruned export have equal all-zero P'). ONNX Runtime's optimizer drops an
+    Identity once a detached branch no longer reads it, so the branches read the initializer itself.
+    """
+    producers = _producers(graph)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            while name in producers and producers[name].op_type == "Identity":
+                name = producers[name].input[0]
+            node.input[i] = name
+    read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] not in read]:
+        graph.node.remove(node)
 
 
 def branches(model: onnx.ModelProto) -> list[Branch]:
@@ -171,9 +190,18 @@ def fusion_options(attention_op: str, fusions: FusionSpec):
     return options
 
 
-def optimize(model: onnx.ModelProto, arch, config, attention_op: str, has_branches: bool):
+def optimize(model: onnx.ModelProto, arch, config, attention_op: str, has_branches: bool,
+             fusions: FusionSpec = FUSIONS):
     """Fuse `model` with ONNX Runtime's transformer optimizer (opt_level 1: only provider-independent
     rewrites, so the graph stays portable between CPU and GPU).
+
+    Args:
+        model: the exported graph (labelled branches if `has_branches`).
+        arch: the architecture's optimizer declaration (specs.ARCHITECTURES).
+        config: the transformers config (heads, hidden size).
+        attention_op: "Attention" or "MultiHeadAttention".
+        has_branches: set the low-rank branches aside during fusion, then put them back.
+        fusions: which fusions to apply (the declared default, or another for comparison).
 
     Returns:
         (the optimized ModelProto, fused-op counts).
@@ -184,7 +212,7 @@ def optimize(model: onnx.ModelProto, arch, config, attention_op: str, has_branch
     optimized = optimize_model(
         model, model_type=arch.ort_model_type, num_heads=getattr(config, arch.num_heads_attr),
         hidden_size=getattr(config, arch.hidden_size_attr),
-        optimization_options=fusion_options(attention_op, FUSIONS),
+        optimization_options=fusion_options(attention_op, fusions),
         opt_level=1, use_gpu=False,
     )
     counts = optimized.get_fused_operator_statistics()

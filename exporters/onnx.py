@@ -10,6 +10,7 @@ happens in a temporary directory that replaces OUT only when everything passed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from .manifest import (
 from .source import Source, load_source
 from .specs import (
     CROSS_MODE_ATOL,
+    FUSIONS,
     MIN_OPSET,
     PRUNE_ATOL,
     ArchitectureSpec,
@@ -268,6 +270,8 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
             "branches": len(graphs.branches(graph)) if result.mode.has_branches else 0,
             "branch_params": graphs.branch_params(graph) if result.mode.has_branches else 0,
             "fused_ops": result.fused_ops,
+            # SkipLayerNormalization is left to ONNX Runtime's session-time fusion (see specs.FusionSpec)
+            "fusion_settings": dataclasses.asdict(FUSIONS) if request.optimize else None,
             "op_counts": graphs.op_counts(graph),
         },
         "validation": _validation_figures(plan, result, report, request.dtype),

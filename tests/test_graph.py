@@ -19,7 +19,7 @@ from adalora_deploy.exporters import export
 from adalora_deploy.exporters import graph as graphs
 from adalora_deploy.exporters.specs import ARCHITECTURES
 
-from .conftest import ID2LABEL
+from .conftest import ID2LABEL, make_checkpoint
 
 pytestmark = pytest.mark.slow
 PREFIX = "adalora_branch:"
@@ -180,3 +180,17 @@ def test_factored_and_merged_graphs_agree_with_pytorch(tiny_export_root, unprune
         session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
         got = session.run(["logits"], feeds)[0]
         assert abs(got - want).max() <= 1e-4, path
+
+
+def test_equal_branch_weights_stored_once_still_export(tmp_path, tiny_bert_dir):
+    """Unpruned, three rank-0 modules have equal all-zero P'^T: TorchScript stores it once (plus
+    Identity copies); the fused factored graph must still carry a branch per module and validate."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, tiny_bert_dir, ranks={0: 0, 1: 0, 2: 0})
+    root = export(ckpt, tmp_path / "onnx", mode="factored")  # optimized and validated by default
+    model = onnx.load(str(root / "factored" / "model.onnx"))
+    ups = [_branch_nodes(model, m)["up"].input[1] for m in
+           ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key",
+            "bert.encoder.layer.0.attention.self.value")]
+    assert len(set(ups)) == 1 and ups[0] in _dims(model)  # one shared initializer, read directly
+    assert json.loads((root / "factored" / "adalora_manifest.json").read_text())["graph"]["branches"] == 12
