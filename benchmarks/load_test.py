@@ -89,6 +89,7 @@ async def run_level(url: str, concurrency: int, texts: list[str], args: argparse
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         for i in range(args.warmup):
             await client.post("/v1/predict", json={"inputs": texts[i: i + args.texts_per_request]})
+        before = (await client.get("/health")).json()
         start = time.perf_counter()
         deadline = start + args.duration
 
@@ -110,7 +111,12 @@ async def run_level(url: str, concurrency: int, texts: list[str], args: argparse
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return summarize_level(concurrency, latencies, errors, wall, args.texts_per_request)
+        after = (await client.get("/health")).json()
+    level = summarize_level(concurrency, latencies, errors, wall, args.texts_per_request)
+    batches = after["batches"] - before["batches"]
+    level["batches"] = batches
+    level["mean_batch"] = (after["inputs"] - before["inputs"]) / batches if batches else None
+    return level
 
 
 def summarize_level(concurrency: int, latencies: list[float], errors: list, wall: float, per_request: int) -> dict:
@@ -127,13 +133,13 @@ def summarize_level(concurrency: int, latencies: list[float], errors: list, wall
 def render_markdown(result: dict) -> str:
     h = result["header"]
     rows = [
-        "| concurrency | requests | errors | seconds | requests/s | texts/s | p50 ms | p90 ms | p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | requests | errors | seconds | requests/s | texts/s | p50 ms | p90 ms | p99 ms | inputs/batch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["levels"]:
         rows.append(
             f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['seconds']:.1f} | {r['requests_per_s']:.1f} | "
-            f"{r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} |"
+            f"{r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.2f} |"
         )
     s = result["server_stats"]
     return "\n".join([

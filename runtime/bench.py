@@ -202,8 +202,8 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": device_name(any(p.startswith("CUDA") for p in ort_providers)),
         "provider": ", ".join(ort_providers), "providers": {v.name: v.provider for v in variants},
-        "threads": {"ort_intra_op": config.threads, "ort_inter_op": 1, "torch": torch.get_num_threads(),
-                    "cpu_count": os.cpu_count()},
+        "threads": {"ort_intra_op": config.threads, "ort_inter_op": 1, "ort_spinning": False,
+                    "torch": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "dtype": config.dtype, "runs": config.runs, "warmup": config.warmup,
         "batch_sizes": config.batch_sizes, "seq_lens": config.seq_lens,
         "versions": {

@@ -42,7 +42,7 @@ def plot_bench(result: dict, path: str | os.PathLike) -> Path:
     ax_ratio.set_xticks(x, labels)
     ax_ratio.set_xlabel("batch size / sequence length")
     h = result["header"]
-    fig.suptitle(f"{h['device']}\n{h['provider']}, {h['threads']['ort_intra_op']} threads, {h['dtype']}", fontsize=9)
+    fig.suptitle(f"{h['device']}\n{h['provider']}, intra-op threads {h['threads']['ort_intra_op']}, {h['dtype']}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

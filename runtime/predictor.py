@@ -191,7 +191,9 @@ class Predictor:
         """Predict for one input or a list of them.
 
         Args:
-            inputs: a text, a [text, text_pair] pair, or a list of those.
+            inputs: a text, a (text, text_pair) tuple, or a list of texts and pairs (inside the
+                list a pair may also be a 2-item list, as JSON sends it). A bare list is always a
+                batch: ["a", "b"] is two texts, [("a", "b")] is one pair.
             batch_size: overrides the predictor's batch size for this call.
 
         Returns:

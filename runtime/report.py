@@ -15,6 +15,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+TARGET_DEFINITIONS = [
+    "Each target is checked on every grid cell where its variants were measured; it passes when every",
+    "checked cell passes. All comparisons use p50 latency.",
+    "",
+    "- `merged_vs_base`: |p50(merged) / p50(onnx_base) - 1| <= 0.03.",
+    "- `factored_flop_overhead`: p50(factored_pruned) / p50(merged) - 1 <= 1.5 x FLOP share, the share being",
+    "  the pruned branch's FLOPs over the merged graph's at that sequence length.",
+    "- `pruned_faster_than_unpruned`: p50(factored_pruned) < p50(factored_unpruned).",
+    "- `merged_vs_optimum_plain`: p50(merged) <= 0.90 x p50(optimum_plain) at batch 1 and 32, sequence 128.",
+]
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -91,7 +103,7 @@ def render_markdown(result: dict) -> str:
         "## Latency", "", "Throughput is sequences per second at the median latency.", "",
         *results_table(result), "", "## FLOPs", "",
         "Per sequence; the share is the factored branch's FLOPs over the merged graph's (runtime/flops.py).",
-        "", *flops_lines(result), "", "## Targets", "", *target_lines(result), "",
+        "", *flops_lines(result), "", "## Targets", "", *TARGET_DEFINITIONS, "", *target_lines(result), "",
     ]
     return "\n".join(parts)
 
