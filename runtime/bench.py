@@ -26,7 +26,7 @@ import numpy as np
 
 from adalora_deploy.errors import ConfigError
 
-from .session import SessionConfig
+from .session import ExportDirError, SessionConfig
 from .variants import VARIANTS, Variant
 
 MERGED_TOLERANCE = 0.03
@@ -288,15 +288,19 @@ def run_bench(
         The results: header, variants, flops, cells, targets.
     """
     from .flops import count_flops
+    from .session import choose_providers
     from .variants import model_config
 
     config = config or BenchConfig()
     source = Path(source)
+    choose_providers(config.session_config())  # --provider cuda without CUDA: fail before exporting
     with tempfile.TemporaryDirectory(prefix="adalora-bench-") as tmp:
         dirs, checkpoint = locate(source, Path(tmp), config, export_fn)
         variants, model = load_variants(dirs, checkpoint, config)
-        vocab = int(model_config(dirs).get("vocab_size") or model.model.config.vocab_size)
-        cells = measure_grid(variants, config, vocab)
+        vocab = model_config(dirs).get("vocab_size") or (model.model.config.vocab_size if model else None)
+        if not vocab:
+            raise ExportDirError(f"{source}: config.json has no vocab_size to draw token ids from; re-export it")
+        cells = measure_grid(variants, config, int(vocab))
     flops = {s: count_flops(model, s).to_dict() for s in config.seq_lens} if model is not None else None
     result = {
         "header": header(config, variants, source, command),

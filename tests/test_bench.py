@@ -10,6 +10,7 @@ from adalora_deploy.cli import main
 from adalora_deploy.model import AdaLoraModel
 from adalora_deploy.runtime.bench import BenchConfig, check_targets, time_cell
 from adalora_deploy.runtime.flops import count_flops
+from adalora_deploy.runtime.session import cuda_status
 from adalora_deploy.runtime.variants import VARIANTS, Variant
 
 
@@ -68,6 +69,14 @@ def test_timing_loop_warms_up_then_rotates():
     rounds = [calls[6 + 3 * i: 9 + 3 * i] for i in range(4)]
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+@pytest.mark.skipif(cuda_status()[0], reason="CUDA starts here")
+def test_bench_cuda_without_cuda_fails_before_exporting(tiny_checkpoint, tmp_path, capsys):
+    assert main(["bench", str(tiny_checkpoint), "--provider", "cuda", "--json", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --provider cuda") and "\n" not in err
+    assert not (tmp_path / "b.json").exists()
 
 
 @pytest.mark.slow
