@@ -190,7 +190,6 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
     import platform
 
     import onnxruntime
-    import optimum
     import torch
     import transformers
 
@@ -208,8 +207,9 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
         "batch_sizes": config.batch_sizes, "seq_lens": config.seq_lens,
         "versions": {
             "adalora_deploy": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__, "optimum": optimum.__version__
-            if hasattr(optimum, "__version__") else _dist_version("optimum"), "numpy": np.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "optimum": _dist_version("optimum"), "optimum-onnx": _dist_version("optimum-onnx"),
+            "onnx": _dist_version("onnx"), "numpy": np.__version__,
         },
     }
 
