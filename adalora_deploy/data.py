@@ -9,7 +9,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
@@ -26,6 +26,7 @@ RT_HELDOUT_SIZE = 1000
 SPLIT_SEED = 20230301
 DEFAULT_HELDOUT_FRACTION = 0.1
 INT_LABEL = re.compile(r"[+-]?\d+")
+LENGTH_WINDOW = 50  # batches per window of similar-length rows (cf. transformers' group_by_length)
 
 
 @dataclass
@@ -348,10 +349,13 @@ class Encoded:
     token_type_ids: list[list[int]] | None
     labels: list[int]
     pad_id: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
 
 
 def encode(dataset: TextDataset, tokenizer, max_length: int) -> Encoded:
@@ -383,14 +387,19 @@ def collate(encoded: Encoded, indices: list[int]) -> dict:
     return batch
 
 
-def batches(n: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[list[int]]:
-    """Endless shuffled batches of row indices, reshuffled every epoch.
+def batches(
+    n: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1), lengths: list[int] | None = None,
+) -> Iterator[list[int]]:
+    """Endless shuffled batches of row indices, reshuffled every epoch; ragged tails are dropped
+    so that every step has the same batch size.
 
     Args:
         n: rows in the dataset.
         batch_size: rows per batch.
         seed: shuffle seed.
         shard: (rank, world_size): each rank draws only from its own disjoint rows.
+        lengths: token count per row; when given, rows of similar length share a batch (within
+            windows of LENGTH_WINDOW batches), which cuts padding, then the batches are shuffled.
     """
     rank, world = shard
     rows = list(range(rank, n, world))
@@ -399,14 +408,17 @@ def batches(n: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1))
     rng = random.Random(seed * 1000003 + rank)
     while True:
         rng.shuffle(rows)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            if len(chunk) < batch_size and len(rows) >= batch_size:
-                break  # drop the ragged tail so every step has the same batch size
-            yield chunk
+        windows = [rows] if lengths is None else list(_chunks(rows, batch_size * LENGTH_WINDOW))
+        epoch = [b for w in windows for b in _chunks(_sorted_by(w, lengths), batch_size)]
+        if lengths is not None:
+            rng.shuffle(epoch)
+        yield from (b for b in epoch if len(b) == batch_size or len(rows) < batch_size)
 
 
-def eval_batches(n: int, batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, n, batch_size):
-        yield list(range(start, min(n, start + batch_size)))
+def _sorted_by(rows: list[int], lengths: list[int] | None) -> list[int]:
+    return rows if lengths is None else sorted(rows, key=lengths.__getitem__)
 
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

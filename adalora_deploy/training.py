@@ -39,10 +39,11 @@ class TrainConfig:
         eval_data: evaluation data in the same forms; None holds out a fixed split of `data`.
         steps: optimizer steps (T of the budget schedule).
         batch_size: examples per step (per process under torchrun).
-        lr: AdamW learning rate of the adapters and the head.
+        lr: AdamW learning rate of the adapters and the head (5e-3 suits short runs: lam starts
+            at 0 and P, Q at std 0.02, so at 1e-3 a few hundred steps barely move the model).
         max_length: tokens per example after truncation.
         seed: initialisation and shuffling seed (the held-out split does not depend on it).
-        init_r, target_r, tinit, tfinal, delta_t, orth_reg, importance: as in AdaLoraConfig;
+        init_r, target_r, alpha, tinit, tfinal, delta_t, orth_reg, importance: as in AdaLoraConfig;
             tinit/tfinal/delta_t default to 10% / 30% / 1% of `steps`.
         target_modules: module-path suffixes to adapt; None takes the architecture's defaults.
         out: checkpoint directory; None trains without writing one.
@@ -54,11 +55,12 @@ class TrainConfig:
     eval_data: str | None = None
     steps: int = 300
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 5e-3
     max_length: int = 64
     seed: int = 0
     init_r: int = 12
     target_r: int = 4
+    alpha: float = 32.0
     tinit: int | None = None
     tfinal: int | None = None
     delta_t: int | None = None
@@ -82,7 +84,7 @@ class TrainConfig:
 
     def adalora_config(self) -> AdaLoraConfig:
         return AdaLoraConfig(
-            target_modules=self.target_modules, init_r=self.init_r, target_r=self.target_r,
+            target_modules=self.target_modules, init_r=self.init_r, target_r=self.target_r, alpha=self.alpha,
             tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t, orth_reg=self.orth_reg,
             importance=self.importance, total_step=self.steps,
         )
@@ -130,12 +132,7 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
     train_set, eval_set = load_splits(cfg.data, cfg.eval_data)
     rank, world, owns_group = _init_distributed()
     try:
-        torch.manual_seed(cfg.seed)
-        model = prepare_model(
-            cfg.model, cfg.adalora_config(), num_labels=train_set.num_labels, id2label=train_set.id2label,
-            label2id=train_set.label2id,
-        )
-        tokenizer = load_tokenizer(cfg.model)
+        model, tokenizer = _prepare(cfg, train_set)
         train_enc = encode(train_set, tokenizer, cfg.max_length)
         eval_enc = encode(eval_set, tokenizer, cfg.max_length)
         allocator = RankAllocator(model, model.config, cfg.steps)
@@ -152,6 +149,15 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
+
+
+def _prepare(cfg: TrainConfig, train_set) -> tuple[AdaLoraModel, object]:
+    torch.manual_seed(cfg.seed)  # the classifier head and P, Q are drawn here
+    model = prepare_model(
+        cfg.model, cfg.adalora_config(), num_labels=train_set.num_labels, id2label=train_set.id2label,
+        label2id=train_set.label2id,
+    )
+    return model, load_tokenizer(cfg.model)
 
 
 def load_tokenizer(name_or_path: str | None):
@@ -211,7 +217,7 @@ def fit(
     model.train()
     losses, budgets = [], []
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
-    for step, rows in enumerate(batches(len(encoded), cfg.batch_size, cfg.seed, shard), start=1):
+    for step, rows in enumerate(batches(len(encoded), cfg.batch_size, cfg.seed, shard, encoded.lengths), start=1):
         loss = net(**collate(encoded, rows)).loss
         total = loss + gamma * model.orth_penalty() if gamma > 0 else loss
         total.backward()  # under DDP the gradients are all-reduced when this returns
@@ -294,10 +300,6 @@ class AdaLoraCallback(TrainerCallback):
         budget = self.allocator.update_and_allocate(step)
         self.budget = self.allocator.budget(step) if budget is None else int(budget)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.budget is not None:
-            logs["budget"] = self.budget
-
 
 def _accepts_loss_kwargs(model: torch.nn.Module) -> bool:
     # The same test Trainer.__init__ applies to the model it is given.
@@ -322,13 +324,18 @@ class AdaLoraTrainer(Trainer):
         super().__init__(model.model, *args, **kwargs)
         self.adalora = model
         self.adalora_callback = AdaLoraCallback(model, allocator)
-        # First, so that the budget is already in `logs` when the progress/printer callbacks see it.
-        self.callback_handler.callbacks.insert(0, self.adalora_callback)
+        self.add_callback(self.adalora_callback)
         self.model_accepts_loss_kwargs = _accepts_loss_kwargs(model.model)
 
     @property
     def allocator(self) -> RankAllocator | None:
         return self.adalora_callback.allocator
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's logging, with the current budget beside the loss."""
+        if self.adalora_callback.budget is not None:
+            logs["budget"] = self.adalora_callback.budget
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import io
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -177,12 +178,14 @@ def test_collate_equals_tokenizer_padding(pairs):
     assert batch["labels"].tolist() == [1, 0, 0]
 
 
-def test_batches_shard_and_cover_every_row():
-    n, size = 23, 4
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "by-length"])
+def test_batches_shard_and_cover_every_row(grouped):
+    n, size = 230, 4
+    lengths = [(7 * i) % 31 + 1 for i in range(n)] if grouped else None
     for world in (1, 2):
         seen = []
         for rank in range(world):
-            stream = batches(n, size, seed=3, shard=(rank, world))
+            stream = batches(n, size, seed=3, shard=(rank, world), lengths=lengths)
             per_epoch = len(range(rank, n, world)) // size
             epoch = [next(stream) for _ in range(per_epoch)]
             assert all(len(b) == size for b in epoch)
@@ -190,3 +193,15 @@ def test_batches_shard_and_cover_every_row():
             seen.append({i for b in epoch for i in b})
         if world == 2:
             assert not seen[0] & seen[1]  # ranks draw from disjoint rows
+
+
+def test_length_grouping_cuts_padding():
+    n, size = 2000, 16
+    lengths = [random.Random(i).randint(5, 64) for i in range(n)]
+
+    def padded_tokens(stream):
+        return sum(size * max(lengths[i] for i in next(stream)) for _ in range(n // size))
+
+    plain = padded_tokens(batches(n, size, seed=0))
+    grouped = padded_tokens(batches(n, size, seed=0, lengths=lengths))
+    assert grouped < 0.7 * plain, (grouped, plain)

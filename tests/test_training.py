@@ -192,7 +192,8 @@ def test_trainer_allocates_once_per_optimizer_step_with_accumulation(tmp_path, n
 
     allocator.update_and_allocate = recording
     model.model.register_forward_hook(lambda *_: forwards.append(1))
-    args = trainer_args(tmp_path, gradient_accumulation_steps=accumulation, max_steps=steps)
+    args = trainer_args(tmp_path, gradient_accumulation_steps=accumulation, max_steps=steps,
+                        logging_strategy="steps", logging_steps=1)
     trainer = AdaLoraTrainer(model, args, allocator=allocator, train_dataset=ListDataset(rows),
                              data_collator=DataCollatorWithPadding(tok))
     trainer.train()
@@ -200,6 +201,8 @@ def test_trainer_allocates_once_per_optimizer_step_with_accumulation(tmp_path, n
     assert [step for step, _ in calls] == list(range(1, steps + 1))  # ... but 5 allocations, steps 1..5
     assert all(any(g.abs().sum() > 0 for g in grads) for _, grads in calls)  # before zero_grad
     assert sum(model.ranks().values()) == allocator.bT
+    logged = [(h["step"], h["budget"]) for h in trainer.state.log_history if "loss" in h]
+    assert logged == [(step, allocator.budget(step)) for step in range(1, steps + 1)]
 
 
 def summed_ce(outputs, labels, num_items_in_batch=None):
