@@ -189,3 +189,15 @@ def test_train_flags_mirror_train_config():
         assert f.name in defaults, f.name
         if f.name != "out":
             assert defaults[f.name] == f.default, f.name
+
+
+def test_train_on_sentence_pairs(tmp_path, tiny_bert_dir, capsys):
+    rows = [{"text": text, "text_pair": "how was it ?", "label": label} for text, label in separable_rows(40)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ckpt"
+    code, stdout, _ = run_cli(capsys, "train", "--model", tiny_bert_dir, "--data", data, "--steps", 4,
+                              "--batch-size", 4, "--init-r", 2, "--target-r", 1, "--out", out)
+    assert code == 0 and "on 4 examples" in stdout
+    meta = json.loads((out / "adalora_config.json").read_text())
+    assert meta["id2label"] == {"0": "negative", "1": "positive"} and meta["budget"] == len(meta["ranks"])
