@@ -43,11 +43,12 @@ SHAPES = ((1, 128), (32, 128))  # (batch, seq) cells of the latency check
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by `adalora-deploy train`")
+    p.add_argument("--checkpoint", help="checkpoint directory written by `adalora-deploy train` (required)")
     p.add_argument("--repeats", type=int, default=2, help="timed exports per configuration (interleaved)")
     p.add_argument("--threads", type=int, default=2, help="torch threads during export (the target is 2 cores)")
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per graph and shape (0: skip)")
     p.add_argument("--train-command", default=None, help="the command that made --checkpoint (recorded)")
+    p.add_argument("--from-json", default=None, help="only re-render the markdown of an existing results JSON")
     p.add_argument("--out", default=str(HERE / "export"), help="results prefix: writes PREFIX.md and PREFIX.json")
     return p.parse_args(argv)
 
@@ -116,8 +117,22 @@ def checkpoint_figures(checkpoint: Path) -> dict:
     }
 
 
-def latency_graphs(checkpoint: Path, work: Path, timed: dict[str, dict]) -> dict[str, tuple[Path, list[str]]]:
-    """name -> (model.onnx, ORT optimizers disabled at session load)."""
+def naive_factored(checkpoint: Path, work: Path, config) -> tuple[Path, dict]:
+    """The pruned factored graph fused as exported, branches left in place: what the fusions lose."""
+    import onnx
+
+    from adalora_deploy.exporters import graph as graphs
+    from adalora_deploy.exporters.specs import ARCHITECTURES
+
+    raw = export(checkpoint, work / "raw", mode="factored", prune_ranks=True, optimize=False, validate=False)
+    fused, counts = graphs.optimize(onnx.load(str(raw / "factored" / "model.onnx")), ARCHITECTURES["bert"], config,
+                                    "MultiHeadAttention", has_branches=False)
+    graphs.save(fused, work / "naive.onnx")
+    return work / "naive.onnx", {k: v for k, v in counts.items() if v}
+
+
+def latency_graphs(checkpoint: Path, work: Path, timed: dict[str, dict]) -> tuple[dict, dict]:
+    """name -> (model.onnx, ORT optimizers disabled at session load), and the naive factored fused ops."""
     import onnx
     from transformers import AutoConfig
 
@@ -125,19 +140,22 @@ def latency_graphs(checkpoint: Path, work: Path, timed: dict[str, dict]) -> dict
     from adalora_deploy.exporters.specs import ARCHITECTURES, FusionSpec
 
     plain = export(checkpoint, work / "plain", mode="merged", prune_ranks=True, optimize=False, validate=False)
-    plain_onnx = plain / "merged" / "model.onnx"
-    full, _ = graphs.optimize(onnx.load(str(plain_onnx)), ARCHITECTURES["bert"], AutoConfig.from_pretrained(plain / "merged"),
-                              "Attention", has_branches=False, fusions=FusionSpec(raw_attention_mask=True, skip_layer_norm=True))
+    plain_onnx, config = plain / "merged" / "model.onnx", AutoConfig.from_pretrained(plain / "merged")
+    full, _ = graphs.optimize(onnx.load(str(plain_onnx)), ARCHITECTURES["bert"], config, "Attention", has_branches=False,
+                              fusions=FusionSpec(raw_attention_mask=True, skip_layer_norm=True))
     graphs.save(full, work / "full.onnx")
+    naive, naive_ops = naive_factored(checkpoint, work, config)
     cpu = ["SkipLayerNormFusion"]  # the CPU session setting recommended with our export (specs.FusionSpec)
+    merged = timed["merged (pruned)"]["dir"] / "merged" / "model.onnx"
     return {
         "optimum plain (merged, no fusion)": (plain_onnx, cpu),
-        "merged, export default": (timed["merged (pruned)"]["dir"] / "merged" / "model.onnx", cpu),
-        "merged, export default, session SkipLN fusion on": (timed["merged (pruned)"]["dir"] / "merged" / "model.onnx", []),
+        "merged, export default": (merged, cpu),
+        "merged, export default, session SkipLN fusion on": (merged, []),
         "merged, SkipLN fused offline (ORT recipe)": (work / "full.onnx", cpu),
         "factored (pruned)": (timed["factored (pruned)"]["dir"] / "factored" / "model.onnx", cpu),
+        "factored (pruned), fused with branches in place": (naive, cpu),
         "factored (unpruned baseline)": (timed["factored (unpruned baseline)"]["dir"] / "factored" / "model.onnx", cpu),
-    }
+    }, naive_ops
 
 
 def measure_latency(variants: dict[str, tuple[Path, list[str]]], vocab: int, runs: int) -> list[dict]:
@@ -171,6 +189,36 @@ def measure_latency(variants: dict[str, tuple[Path, list[str]]], vocab: int, run
     return cells
 
 
+def findings(results: dict) -> list[str]:
+    """The figures that answer the issue's questions, read off the results."""
+    ex, ck = results["exports"], results["checkpoint"]
+    worst = max(row["per_mode_s"] if name != "both (pruned)" else row["median_s"] / 2 for name, row in ex.items())
+    pruned_mb = ex["factored (pruned)"]["modes"]["factored"]["onnx_bytes"] / 1e6
+    unpruned_mb = ex["factored (unpruned baseline)"]["modes"]["factored"]["onnx_bytes"] / 1e6
+    merged_mb = ex["merged (pruned)"]["modes"]["merged"]["onnx_bytes"] / 1e6
+    lines = [
+        f"- Slowest single-mode export: {worst:.1f} s (target 60 s): {'met' if worst <= 60 else 'NOT met'}.",
+        f"- Pruning keeps {ck['adapter_params_after']:,} of {ck['adapter_params_before']:,} adapter parameters; the "
+        f"factored graph shrinks from {unpruned_mb:.1f} MB (all init_r triplets) to {pruned_mb:.1f} MB "
+        f"(merged: {merged_mb:.1f} MB, the base model's size).",
+    ]
+    if results.get("naive_factored_fused_ops"):
+        kept = ex["both (pruned)"]["modes"]["factored"]["fused_ops"]
+        lines.append(f"- Fusions in the factored graph: {kept} with the branches set aside during fusion (the export), "
+                     f"{results['naive_factored_fused_ops']} with the branches left between MatMul and bias Add.")
+    for cell in results.get("latency", []):
+        r = cell["results"]
+        merged, factored = r["merged, export default"]["median_ms"], r["factored (pruned)"]["median_ms"]
+        lines.append(
+            f"- CPU {cell['batch']}x{cell['seq']}: merged (export default) {r['merged, export default']['ratio_to_plain']:.3f}"
+            f" x Optimum plain, {r['merged, export default, session SkipLN fusion on']['ratio_to_plain']:.3f} when the "
+            f"session fuses SkipLayerNormalization; factored pruned = {factored / merged:.3f} x merged "
+            f"({r['factored (pruned), fused with branches in place']['median_ms'] / merged:.3f} x merged when fused "
+            "with the branches in place)."
+        )
+    return lines
+
+
 def render(results: dict) -> str:
     ck, lines = results["checkpoint"], []
     lines += [
@@ -201,6 +249,10 @@ def render(results: dict) -> str:
     for mode, m in results["exports"]["both (pruned)"]["modes"].items():
         lines.append(f"- {mode}: {m['fused_ops']}; ONNX Runtime vs PyTorch max abs diff {m['onnx_vs_pytorch_max_abs_diff']:.2e}; "
                      f"trace+fuse {m['trace_and_fuse_seconds']:.1f} s")
+    if results.get("naive_factored_fused_ops"):
+        lines.append(f"- factored fused with the branches left in place (not what the export does): "
+                     f"{results['naive_factored_fused_ops']}")
+    lines += ["", "## Findings", "", *findings(results)]
     if results.get("latency"):
         lines += ["", "## ONNX Runtime CPU latency of the graphs (why SkipLayerNormalization is not fused offline)", "",
                   "One thread, process CPU time per run, variants interleaved, median of "
@@ -217,6 +269,11 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        Path(args.out + ".md").write_text(render(json.loads(Path(args.from_json).read_text())))
+        return 0
+    if not args.checkpoint:
+        raise SystemExit("export_bench.py: --checkpoint is required")
     torch.set_num_threads(args.threads)
     checkpoint = Path(args.checkpoint)
     meta = read_json(checkpoint / "adalora_config.json")
@@ -230,7 +287,7 @@ def main(argv=None) -> int:
             "exports": summarize(timed), "latency_runs": args.latency_runs,
         }
         if args.latency_runs > 0:
-            variants = latency_graphs(checkpoint, Path(tmp), timed)
+            variants, results["naive_factored_fused_ops"] = latency_graphs(checkpoint, Path(tmp), timed)
             results["latency"] = measure_latency(variants, int(meta.get("vocab_size") or 30522), args.latency_runs)
     Path(args.out + ".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     Path(args.out + ".md").write_text(render(results))
