@@ -73,7 +73,7 @@ class TextDataset:
 def _read_csv(path: Path) -> list[dict]:
     opener = bz2.open if path.suffix == ".bz2" else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # -sig: Excel writes a BOM
             return list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error, OSError) as err:
         raise DataError(f"cannot read {path} as UTF-8 CSV ({err}): save it as CSV with a header row") from err
