@@ -26,7 +26,7 @@ import numpy as np
 
 from adalora_deploy.errors import ConfigError
 
-from .session import ExportDirError, SessionConfig
+from .session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
 from .variants import VARIANTS, Variant
 
 MERGED_TOLERANCE = 0.03
@@ -203,6 +203,9 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
         "provider": ", ".join(ort_providers), "providers": {v.name: v.provider for v in variants},
         "threads": {"ort_intra_op": config.threads, "ort_inter_op": 1, "ort_spinning": False,
                     "torch": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+        # every ONNX variant, Optimum's plain export included, gets the same session options
+        "ort_session": {"graph_optimization": "all",
+                        "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS) if ort_providers == [CPU_EP] else []},
         "dtype": config.dtype, "runs": config.runs, "warmup": config.warmup,
         "batch_sizes": config.batch_sizes, "seq_lens": config.seq_lens,
         "versions": {

@@ -24,6 +24,12 @@ CPU_EP = "CPUExecutionProvider"
 
 # Shape of the dummy batch used for the warm-up run: small, so that warming up costs little.
 WARMUP_SHAPE = (1, 8)
+# ONNX Runtime graph optimisers that CPU-only sessions turn off. SkipLayerNormFusion folds the residual
+# Add (+ bias Add) + LayerNormalization into SkipLayerNormalization, whose CPU kernel in onnxruntime
+# 1.31 is slower than the ops it replaces: MiniLM's merged graph ran 1.08x (1 x 128) and 1.04x
+# (32 x 128) Optimum's plain export with it, 0.98x and 0.97x without (benchmarks/latency_cpu_notes.md).
+# On CUDA the fused kernel pays, so sessions that may run on CUDA keep it.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 class ProviderUnavailableError(AdaLoraDeployError):
@@ -47,6 +53,7 @@ class SessionConfig:
         spinning: let idle worker threads spin-wait (lower latency, burns CPU between calls).
         warmup: run one dummy batch when the session opens (CUDA kernels and arenas start lazily).
         device_id: the CUDA device.
+        optimized_model_path: if set, ONNX Runtime writes the graph it optimised there (to inspect it).
     """
 
     provider: str = "auto"
@@ -57,6 +64,7 @@ class SessionConfig:
     spinning: bool = True
     warmup: bool = True
     device_id: int = 0
+    optimized_model_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -178,7 +186,15 @@ def session_options(config: SessionConfig):
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if config.spinning else "0")
     so.log_severity_level = 3
+    if config.optimized_model_path:
+        so.optimized_model_filepath = str(config.optimized_model_path)
     return so
+
+
+def disabled_optimizers(providers: list) -> list[str]:
+    """Graph optimisers to turn off for a session on `providers`: CPU_DISABLED_OPTIMIZERS when only
+    the CPU provider runs, none when CUDA may take the graph."""
+    return list(CPU_DISABLED_OPTIMIZERS) if providers == [CPU_EP] else []
 
 
 class OrtSession:
@@ -272,7 +288,9 @@ def open_session(model: str | os.PathLike, config: SessionConfig | None = None) 
         raise ExportDirError(f"ONNX model not found: {path}; run `adalora-deploy export` first")
     providers = choose_providers(config)
     try:
-        session = ort.InferenceSession(str(path), session_options(config), providers=providers)
+        session = ort.InferenceSession(
+            str(path), session_options(config), providers=providers, disabled_optimizers=disabled_optimizers(providers)
+        )
     except Exception as err:  # InvalidProtobuf, Fail, ...: ORT's exception types are not public
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportDirError(f"{path} could not be loaded by ONNX Runtime ({first}): re-export it") from err

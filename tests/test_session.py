@@ -98,3 +98,31 @@ def test_cuda_iobinding_matches_cpu(tiny_export_root):
     feeds = cpu.dummy_feeds((4, 9))
     feeds["input_ids"] = np.arange(3000, 3036, dtype=np.int64).reshape(4, 9)
     np.testing.assert_allclose(gpu.run(feeds)["logits"], cpu.run(feeds)["logits"], atol=1e-3, rtol=0)
+
+
+def _op_counts(path) -> dict:
+    import collections
+
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("mode", ["merged", "factored"])
+def test_cpu_sessions_keep_layer_norm_unfused(tiny_export_root, tmp_path, mode):
+    import onnxruntime as ort
+
+    model = tiny_export_root / mode / "model.onnx"
+    # ONNX Runtime's own default fuses SkipLayerNormalization into this graph, so the check can fail.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort-default.onnx")
+    ort.InferenceSession(str(model), options, providers=[CPU_EP])
+    assert _op_counts(tmp_path / "ort-default.onnx")["SkipLayerNormalization"] > 0
+    saved = tmp_path / "ours.onnx"
+    session = open_session(model, SessionConfig(provider="cpu", optimized_model_path=str(saved)))
+    counts = _op_counts(saved)
+    assert counts["SkipLayerNormalization"] == 0
+    assert counts["LayerNormalization"] == _op_counts(model)["LayerNormalization"] > 0
+    feeds = session.dummy_feeds((2, 5))
+    reference = open_session(model, SessionConfig(provider="cpu", graph_optimization="disable")).run(feeds)
+    np.testing.assert_allclose(session.run(feeds)["logits"], reference["logits"], atol=1e-5)
