@@ -83,8 +83,10 @@ class FusionSpec:
             Off: with onnxruntime 1.31 the CPU SkipLayerNormalization kernel is ~3.5x slower than
             Add + LayerNormalization (4096 x 384 rows: 9.7 ms vs 2.8 ms, one thread), which made the
             fully fused MiniLM 4-10% slower than the unfused graph on CPU. ONNX Runtime's session-time
-            SkipLayerNormFusion still fuses it wherever the session allows (on GPU, where it pays); a CPU
-            session can turn that off with disabled_optimizers=["SkipLayerNormFusion"].
+            SkipLayerNormFusion still fuses it wherever the session allows (on GPU, where it pays);
+            adalora_deploy.runtime's CPU-only sessions turn it off (session.CPU_DISABLED_OPTIMIZERS).
+            The attention fusion stays on for every provider: with SkipLayerNormalization out of the CPU
+            session, fused Attention is 2-5% faster than the unfused graph (benchmarks/fusion_variants_cpu.md).
     """
 
     raw_attention_mask: bool
