@@ -86,7 +86,7 @@ class FusionSpec:
             SkipLayerNormFusion still fuses it wherever the session allows (on GPU, where it pays);
             adalora_deploy.runtime's CPU-only sessions turn it off (session.CPU_DISABLED_OPTIMIZERS).
             The attention fusion stays on for every provider: with SkipLayerNormalization out of the CPU
-            session, fused Attention is 2-5% faster than the unfused graph (benchmarks/fusion_variants_cpu.md).
+            session, fused Attention is 2-7% faster than the unfused graph (benchmarks/fusion_variants_cpu*.md).
     """
 
     raw_attention_mask: bool
