@@ -164,6 +164,37 @@ def build_ours(
                   lambda: model.parameter_counts()["adapter_params_after"], model.ranks)
 
 
+def build_prune_lora(base, target_r: int, steps: int, schedule: tuple, scaling: float) -> Method:
+    """The paper's "prune LoRA" ablation: plain LoRA doublets W0 + s P Q (P = 0 at init, like LoRA's B)
+    pruned by the same allocator, without lam and without the orth penalty.
+
+    Built from our adapter with lam frozen at 1: the allocator's triplet score then reduces to the
+    doublet score mean s(P[:, i]) + mean s(Q[i, :]), and masking sets lam[i] = 0, which removes the
+    doublet for good (lam does not train, so a pruned doublet cannot come back).
+    """
+    from adalora_deploy.allocator import RankAllocator
+    from adalora_deploy.config import AdaLoraConfig
+    from adalora_deploy.model import prepare_model
+
+    tinit, tfinal, delta_t = schedule
+    init_r = init_rank(target_r)
+    config = AdaLoraConfig(
+        target_modules=TARGET_MODULES, init_r=init_r, target_r=target_r, alpha=scaling * init_r,
+        tinit=tinit, tfinal=tfinal, delta_t=delta_t, orth_reg=0.0, total_step=steps,
+    )
+    model = prepare_model(base, config)
+    with torch.no_grad():
+        for m in model.adapters.values():
+            m.P.zero_()
+            m.lam.fill_(1.0).requires_grad_(False)
+    allocator = RankAllocator(model, config, steps)
+
+    def doublet_params() -> int:
+        return sum(int(m.mask.sum()) * (m.d_in + m.d_out) for m in model.adapters.values())
+
+    return Method(model, allocator.update_and_allocate, None, doublet_params, model.ranks)
+
+
 def build_peft_lora(base, r: int, scaling: float) -> Method:
     """PEFT's LoRA at rank r on TARGET_MODULES; task type SEQ_CLS also trains the classifier head."""
     from peft import LoraConfig, TaskType, get_peft_model

@@ -1,4 +1,5 @@
-"""Aggregate the quality runs (runs/*.json) into results.json, quality.md and accuracy_vs_budget.png.
+"""Aggregate the quality runs (runs-main/*.json by default) into results.json, quality.md and
+accuracy_vs_budget.png.
 
     .venv/bin/python benchmarks/quality/report.py [--runs-dir DIR] [--out-dir DIR]
 """
@@ -27,7 +28,7 @@ def summarise(runs: list[dict]) -> dict:
     return {
         "n": len(runs), "seeds": sorted(r["spec"]["seed"] for r in runs),
         "accuracy_mean": statistics.fmean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-        "accuracies": acc, "adapter_params_mean": statistics.fmean(params),
+        "accuracies": acc, "adapter_params_each": params, "adapter_params_mean": statistics.fmean(params),
         "adapter_params_min": min(params), "adapter_params_max": max(params),
         "trainable_params_during_training": runs[0]["trainable_params"],
         "train_s_mean": statistics.fmean(r["train_s"] for r in runs),
@@ -102,28 +103,35 @@ def plot(cells: dict, majority: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, label in LABELS.items():
-        pts = sorted((c["adapter_params_mean"], c["accuracy_mean"], c["accuracy_std"])
-                     for (g, m, _), c in cells.items() if g == "main" and m == method)
-        if pts:
-            x, y, e = zip(*pts, strict=True)
-            ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], marker="o", capsize=4, label=label)
+    for i, (method, label) in enumerate(LABELS.items()):
+        color = f"C{i}"
+        cells_m = sorted((c for (g, m, _), c in cells.items() if g == "main" and m == method),
+                         key=lambda c: c["adapter_params_mean"])
+        if not cells_m:
+            continue
+        x = [c["adapter_params_mean"] for c in cells_m]
+        ax.errorbar(x, [100 * c["accuracy_mean"] for c in cells_m], yerr=[100 * c["accuracy_std"] for c in cells_m],
+                    marker="o", capsize=4, color=color, label=f"{label}, mean ± std")
+        # Every seed as a faint dot: with 3 seeds, one collapsed run moves the mean a lot.
+        for c in cells_m:
+            ax.scatter(c["adapter_params_each"], [100 * a for a in c["accuracies"]], color=color, alpha=0.35, s=14)
     ax.axhline(100 * majority, color="grey", ls=":", label=f"majority class ({100 * majority:.1f}%)")
     ax.set_xscale("log")
     ax.set_xlabel("final adapter parameters (log scale)")
     ax.set_ylabel("held-out accuracy % (mean ± std over seeds)")
     ax.set_title("MiniLM on Rotten Tomatoes: accuracy against adapter budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower center")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def markdown(cells: dict, settings: dict, majority: float, command: str, ablation_rank: int | None) -> str:
+def markdown(cells: dict, settings: dict, majority: float, command: str, ablation_rank: int | None, notes: Path) -> str:
     lines = [
         "# Quality: AdaLoRA (ours) against LoRA and PEFT's AdaLoRA on Rotten Tomatoes", "",
-        "Produced by:", "", "```", command, "```", "",
+        "Produced by (from the repository root, `python` being `.venv/bin/python`; runs-main/*.json hold "
+        "each run's command and settings):", "", "```", command, "```", "",
         "## What was run", "",
         f"- Base model: the packaged MiniLM (all-MiniLM-L6-v2, 6 layers, hidden 384) with a fresh 2-way head "
         f"(BertForSequenceClassification); model = `{settings['model'] or 'packaged MiniLM'}`.",
@@ -131,13 +139,16 @@ def markdown(cells: dict, settings: dict, majority: float, command: str, ablatio
         f"11,808 training rows{_subset(settings)} and the fixed held-out 1,000 (split seed independent of the run seed). "
         f"Majority class on the held-out set: {100 * majority:.1f}%.",
         f"- Every run: {settings['steps']} optimizer steps, batch {settings['batch_size']}, max_length "
-        f"{settings['max_length']}, AdamW lr {settings['lr']:g} for every method (adapters and head), weight decay 0, "
+        f"{settings['max_length']}, AdamW (weight decay 0, one lr for adapters and head), "
         "linear warm-up over 6% then linear decay, gradient clipping 1.0, device "
         f"`{settings['device']}`; one loop for every method (benchmarks/quality/methods.py, following "
         "`adalora_deploy.training.fit`), so every method sees the same shuffled batches at a given seed.",
         "- Adapted modules for every method: query, key, value, attention.output.dense, intermediate.dense, "
         "output.dense (36 on MiniLM); the classifier head is trained in full; nothing else.",
-        "- Scaling s = alpha / r = 2 for every method (LoRA alpha = 2r; AdaLoRA alpha = 2 init_r). Dropout 0.",
+        f"- Learning rate and scaling per method: LoRA lr {settings['lr']:g}, s = alpha / r = {settings['scaling']:g}; "
+        f"AdaLoRA (ours and PEFT alike) lr {settings['adalora_lr']:g}, s = alpha / init_r = "
+        f"{settings['adalora_scaling']:g}. AdaLoRA starts with lam = 0 and P, Q ~ N(0, 0.02), so its update "
+        "grows far more slowly than LoRA's at equal lr and s (see the notes at the end of benchmarks/quality/quality.md). Dropout 0.",
         f"- AdaLoRA (ours and PEFT): init_r = ceil(1.5 target_r) (the paper's b(0) = 1.5 b(T)), tinit "
         f"{settings['tinit']}, tfinal {settings['tfinal']}, deltaT {settings['delta_t']} (the `train` defaults: "
         "10% / 30% / 1% of the steps), betas 0.85, gamma 0.1 for ours and orth_reg_weight 0.2 for PEFT "
@@ -153,7 +164,6 @@ def markdown(cells: dict, settings: dict, majority: float, command: str, ablatio
     if ablation_rank is not None:
         lines += [f"## Ablations (ours, target_r={ablation_rank})", "", *ablation_table(cells, ablation_rank), ""]
     lines += ["![accuracy against budget](accuracy_vs_budget.png)", ""]
-    notes = HERE / "notes.md"
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]
     return "\n".join(lines)
@@ -185,14 +195,14 @@ def write_report(runs_dir: Path, out_dir: Path) -> None:
         "cells": [{"group": g, "method": m, "rank": r, **c} for (g, m, r), c in cells.items()],
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "quality.md").write_text(markdown(cells, settings, majority, command, ablation_rank))
+    (out_dir / "quality.md").write_text(markdown(cells, settings, majority, command, ablation_rank, out_dir / "notes.md"))
     plot(cells, majority, out_dir / "accuracy_vs_budget.png")
     print(f"wrote {out_dir / 'quality.md'}, results.json and accuracy_vs_budget.png ({len(runs)} runs)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    p.add_argument("--runs-dir", type=Path, default=HERE / "runs-main")
     p.add_argument("--out-dir", type=Path, default=HERE)
     args = p.parse_args(argv)
     write_report(args.runs_dir, args.out_dir)

@@ -2,15 +2,17 @@
 matched adapter-parameter budgets, plus the paper's ablations. Every run fine-tunes the packaged
 MiniLM on the same training rows and is scored on the same fixed held-out 1,000.
 
-Each run writes runs/<run_id>.json as soon as it ends (partial grids survive); `report.py` turns
-them into results.json, quality.md and accuracy_vs_budget.png (run at the end of this script).
+Each run writes runs-main/<run_id>.json (or --runs-dir) as soon as it ends, so partial grids
+survive; `report.py` turns them into results.json, quality.md and accuracy_vs_budget.png (it runs at
+the end of this script).
 
 CPU-sized run (what is committed; see quality.md), two workers of one thread each:
     .venv/bin/python benchmarks/quality/run_quality.py --shard 0/2 &
     .venv/bin/python benchmarks/quality/run_quality.py --shard 1/2
-Full-size run on a GPU (the defaults are sized for 2 shared CPU cores):
+Full-size run on a GPU (the defaults are sized for 2 shared CPU cores; the learning rates and
+scalings were picked for 150-step runs and should be re-checked for long ones):
     .venv/bin/python benchmarks/quality/run_quality.py --device cuda --steps 3000 --batch-size 32 \
-        --max-length 64 --lr 1e-3 --runs-dir benchmarks/quality/runs-gpu --out-dir benchmarks/quality/gpu
+        --max-length 64 --runs-dir benchmarks/quality/runs-gpu --out-dir benchmarks/quality/gpu
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 METHODS = ("ours", "lora", "peft-adalora")
-# The paper's ablations (Zhang et al. 2023, Sec. 4.4), run on our AdaLoRA at one budget.
+# The paper's ablations (Zhang et al. 2023, Sec. 4.4), at one budget: our AdaLoRA with one part
+# changed, and "prune LoRA" (the allocator on plain LoRA doublets, methods.build_prune_lora).
 ABLATIONS = {
     "importance=sensitivity": {"importance": "sensitivity"},
     "importance=magnitude": {"importance": "magnitude"},
     "orth_reg=0": {"orth_reg": 0.0},
+    "prune-lora": {"method": "prune-lora", "orth_reg": 0.0},
 }
 
 
@@ -42,7 +46,7 @@ class RunSpec:
     """One training run.
 
     Args:
-        method: "ours", "lora" (PEFT) or "peft-adalora".
+        method: "ours", "lora" (PEFT), "peft-adalora" or "prune-lora".
         rank: LoRA's r, or AdaLoRA's target_r (init_r = ceil(1.5 * target_r)).
         seed: model-initialisation and batch-order seed.
         importance: our allocator's importance metric.
@@ -59,7 +63,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        group = "" if self.group == "main" else "-" + self.group.replace("=", "-")
+        group = "" if self.group in ("main", self.method) else "-" + self.group.replace("=", "-")
         return f"{self.method}-r{self.rank}{group}-s{self.seed}"
 
 
@@ -89,7 +93,8 @@ def build_grid(methods, budgets, seeds, ablations, ablation_rank) -> list[RunSpe
         return [RunSpec(m, r, seed) for r in budgets for m in methods]
 
     def ablation(seed):
-        return [RunSpec("ours", ablation_rank, seed, group=n, **ABLATIONS[n]) for n in ablations]
+        return [RunSpec(**{"method": "ours", "rank": ablation_rank, "seed": seed, "group": n, **ABLATIONS[n]})
+                for n in ablations]
 
     first, rest = seeds[:1], seeds[1:]
     return [*(x for s in first for x in main(s) + ablation(s)), *(x for s in rest for x in main(s)),
@@ -123,6 +128,8 @@ def build_method(spec: RunSpec, settings: Settings, id2label):
     s = settings.adalora_scaling
     if spec.method == "lora":
         return methods.build_peft_lora(base, spec.rank, settings.scaling)
+    if spec.method == "prune-lora":
+        return methods.build_prune_lora(base, spec.rank, settings.steps, schedule, s)
     if spec.method == "peft-adalora":
         return methods.build_peft_adalora(base, spec.rank, settings.steps, spec.orth_reg, schedule, s)
     return methods.build_ours(base, spec.rank, settings.steps, spec.orth_reg, spec.importance, schedule, s)
@@ -183,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help="comma list, or 'none'")
     p.add_argument("--ablation-rank", type=int, default=2)
-    p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    p.add_argument("--runs-dir", type=Path, default=HERE / "runs-main")
     p.add_argument("--out-dir", type=Path, default=HERE, help="where report.py writes its outputs")
     p.add_argument("--rerun", action="store_true", help="redo runs that already have a JSON")
     p.add_argument("--shard", default="0/1", help="I/N: run only grid entries I, I+N, I+2N... (parallel workers)")
