@@ -5,16 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def int_list(text: str) -> list[int]:
-    """"1,32" -> [1, 32]."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,32") from err
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, e.g. 1,32")
-    return values
+from .bench import int_list  # "1,32" -> [1, 32], with a clear error
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,7 +13,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "demo", help="the whole pipeline on real data: train, export, score, bench, summarise",
         description="Fine-tune the packaged MiniLM with AdaLoRA on the builtin Rotten Tomatoes set (fixed "
         "held-out 1,000), export pruned merged and factored ONNX graphs (validated), score them with ONNX "
-        "Runtime, time them against PyTorch, draw the rank heatmap and print one summary. About 5 minutes "
+        "Runtime, time them against PyTorch, draw the rank heatmap and print one summary. About 3 minutes "
         "on 2 CPU cores.",
     )
     p.add_argument("--out", default="demo-output", help="output directory, must be new or empty (default: %(default)s)")
