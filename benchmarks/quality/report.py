@@ -60,7 +60,7 @@ def fmt_acc(cell: dict) -> str:
 
 def main_table(cells: dict) -> list[str]:
     rows = ["| budget | method | held-out accuracy % (mean ± std) | seeds | final adapter params | "
-            "trainable params while training | train s/run |", "|---|---|---|---|---|---|---|"]
+            "trainable params while training | train s/run (shared CPU: noisy, not a speed test) |", "|---|---|---|---|---|---|---|"]
     for (group, method, rank), c in cells.items():
         if group != "main":
             continue
