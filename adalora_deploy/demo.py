@@ -120,8 +120,8 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     the demo has succeeded.
     """
     out = check_output_dir(out, overwrite).absolute()
-    old = None
-    if out.is_dir() and any(out.iterdir()):
+    old, existed = None, out.is_dir()
+    if existed and any(out.iterdir()):
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +131,8 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         shutil.rmtree(out, ignore_errors=True)
         if old is not None:
             old.rename(out)
+        elif existed:
+            out.mkdir()  # the user's empty directory stays as it was
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
