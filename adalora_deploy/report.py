@@ -4,12 +4,11 @@ paper's heatmap of final ranks (Zhang et al. 2023, Fig. 1)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError, OutputExistsError
-from .io import load_safetensors
+from .io import atomic_write, load_safetensors
 from .model import ADAPTER_FILE, read_checkpoint_config
 
 # Short column names for the default target-module suffixes of each architecture; any other
@@ -200,19 +199,6 @@ def plot_heatmap(report: RankReport, path: str | os.PathLike, overwrite: bool = 
     ax.set_title(title or f"final ranks: budget {report.budget} of {report.init_r * len(report.ranks)}")
     fig.colorbar(image, ax=ax, label="rank", ticks=range(0, report.init_r + 1, max(1, report.init_r // 6)))
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150))
     plt.close(fig)
     return path
-
-
-def _save_figure(fig, path: Path) -> None:
-    # Write beside the target and rename, so a failed draw never leaves half an image.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -321,7 +321,9 @@ def write_outputs(result: dict, json_path: str | None, markdown_path: str | None
     """Write whichever of the JSON, markdown and PNG outputs were asked for, each atomically."""
     import json
 
-    from .report import render_markdown, write_text_atomic
+    from adalora_deploy.io import write_text_atomic
+
+    from .report import render_markdown
 
     if json_path:
         write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")

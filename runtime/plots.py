@@ -23,6 +23,8 @@ def plot_bench(result: dict, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from adalora_deploy.io import atomic_write
+
     cells = result["cells"]
     names = list(result["variants"])
     labels = [f"b{c['batch_size']}\ns{c['seq_len']}" for c in cells]
@@ -44,10 +46,7 @@ def plot_bench(result: dict, path: str | os.PathLike) -> Path:
     h = result["header"]
     fig.suptitle(f"{h['device']}\n{h['provider']}, intra-op threads {h['threads']['ort_intra_op']}, {h['dtype']}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)

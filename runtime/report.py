@@ -2,19 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write beside `path`, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 TARGET_DEFINITIONS = [
     "Each target is checked on every grid cell where its variants were measured; it passes when every",
     "checked cell passes. All comparisons use p50 latency.",
