@@ -227,7 +227,7 @@ def fit(
         budget = allocator.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        budgets.append(allocator.budget(step) if budget is None else int(budget))
+        budgets.append(budget)
         bar.update()
         bar.set_postfix(loss=f"{_smoothed(losses):.4f}", budget=budgets[-1])
         if step == cfg.steps:
@@ -297,8 +297,7 @@ class AdaLoraCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step + 1
-        budget = self.allocator.update_and_allocate(step)
-        self.budget = self.allocator.budget(step) if budget is None else int(budget)
+        self.budget = self.allocator.update_and_allocate(step)
 
 
 def _accepts_loss_kwargs(model: torch.nn.Module) -> bool:
