@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adalora_deploy.errors import ConfigError
+from adalora_deploy.errors import ConfigError, OutputExistsError
 
 from .session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
 from .variants import VARIANTS, Variant
@@ -276,7 +276,7 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
 def run_bench(
     source: str | os.PathLike, config: BenchConfig | None = None, json_path: str | None = None,
     markdown_path: str | None = None, plot_path: str | None = None, command: str | None = None,
-    export_fn=None,
+    export_fn=None, overwrite: bool = False,
 ) -> dict:
     """Benchmark a checkpoint (exports everything into a temporary directory) or an export directory.
 
@@ -286,6 +286,7 @@ def run_bench(
         json_path, markdown_path, plot_path: where to write the results (skipped when None).
         command: the command line, recorded in the header.
         export_fn: the exporter (adalora_deploy.exporters.export by default).
+        overwrite: replace existing output files; without it they are refused before any work.
 
     Returns:
         The results: header, variants, flops, cells, targets.
@@ -296,6 +297,7 @@ def run_bench(
 
     config = config or BenchConfig()
     source = Path(source)
+    check_output_files([json_path, markdown_path, plot_path], overwrite)
     choose_providers(config.session_config())  # --provider cuda without CUDA: fail before exporting
     with tempfile.TemporaryDirectory(prefix="adalora-bench-") as tmp:
         dirs, checkpoint = locate(source, Path(tmp), config, export_fn)
@@ -315,6 +317,13 @@ def run_bench(
     }
     write_outputs(result, json_path, markdown_path, plot_path)
     return result
+
+
+def check_output_files(paths: list[str | None], overwrite: bool) -> None:
+    """Refuse output files that exist (unless `overwrite`), before minutes of timing are spent."""
+    existing = [p for p in paths if p and Path(p).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{', '.join(existing)} already exist(s): choose other paths or pass --overwrite")
 
 
 def write_outputs(result: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:

@@ -115,3 +115,13 @@ def test_bench_export_dir_measures_what_is_there_plus_pytorch(tiny_export_root, 
     (only,) = result["cells"]
     assert np.isclose(only["results"]["merged"]["ratio_to_merged"], 1.0)
     assert json.loads((tmp_path / "b.json").read_text())["cells"][0]["results"].keys() == only["results"].keys()
+
+
+def test_bench_refuses_existing_outputs_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    kept = tmp_path / "results.json"
+    kept.write_text("user data")
+    code = main(["bench", str(tiny_checkpoint), "--json", str(kept), "--runs", "1", "--provider", "cpu"])
+    assert code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert kept.read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

@@ -41,6 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results as a markdown page")
     p.add_argument("--plot", metavar="PATH", help="write a PNG plot")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--markdown/--plot files")
     return p
 
 
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         provider=args.provider, dtype=args.dtype, **kwargs,
     )
     command = "adalora-deploy " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
-    result = run_bench(args.source, config, args.json, args.markdown, args.plot, command=command)
+    result = run_bench(args.source, config, args.json, args.markdown, args.plot, command=command,
+                       overwrite=args.overwrite)
     print(console_summary(result))
     return 0
