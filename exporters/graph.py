@@ -222,6 +222,33 @@ def optimize(model: onnx.ModelProto, arch, config, attention_op: str, has_branch
     return optimized.model, {op: int(counts.get(op, 0)) for op in FUSED_OPS}
 
 
+def residual_adds_as_sum(model: onnx.ModelProto) -> int:
+    """Write each residual Add that feeds a LayerNormalization as the equivalent two-input Sum.
+
+    Why: ONNX Runtime's session-time SkipLayerNormFusion matches Add -> LayerNormalization and, with
+    the default session options every other loader uses (Optimum's ORTModel, a plain InferenceSession),
+    swaps in its CPU SkipLayerNormalization kernel, which is slower than Add + LayerNormalization in
+    onnxruntime 1.31 (docs/quantization.md). Sum computes the same values and is not matched, so the graph
+    runs as fast wherever it is loaded. Only Adds of two activations are rewritten (bias Adds read
+    an initializer and stay).
+
+    Returns:
+        The number of Adds rewritten.
+    """
+    graph = model.graph
+    producers = _producers(graph)
+    constants = {t.name for t in graph.initializer}
+    count = 0
+    for node in graph.node:
+        if node.op_type != "LayerNormalization" or node.input[0] not in producers:
+            continue
+        add = producers[node.input[0]]
+        if add.op_type == "Add" and add.domain in ("", "ai.onnx") and not constants.intersection(add.input):
+            add.op_type = "Sum"
+            count += 1
+    return count
+
+
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp16 weights and activations; int64 inputs and the float outputs keep their types."""
     from onnxruntime.transformers.onnx_model import OnnxModel

@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,6 +37,18 @@ from .manifest import (
     module_table,
     package_versions,
     source_hash,
+)
+from .quantize import (
+    DEFAULT_MAX_ACCURACY_DROP,
+    EvalSet,
+    QuantizeSpec,
+    accuracy_figures,
+    branch_nodes,
+    check_drop,
+    eval_set,
+    predict,
+    quantize_graph,
+    quantize_spec,
 )
 from .source import Source, load_source
 from .specs import (
@@ -68,12 +82,24 @@ class ExportRequest:
     optimize: bool
     task: str | None
     validate: bool
+    quantize: QuantizeSpec | None = None
+    eval_data: str | None = None
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    quantize_branches: bool | None = None  # None: the scheme's measured default
 
     def __post_init__(self) -> None:
         if self.opset is not None and self.opset < MIN_OPSET:
             raise ExportError(f"--opset {self.opset} is too old: use {MIN_OPSET} or newer (LayerNormalization)")
         if self.task is not None:
             task_spec(self.task)
+        if self.quantize is not None and self.dtype.float16:
+            raise ExportError(f"--quantize {self.quantize.name} starts from the fp32 graph: drop --dtype fp16")
+        if self.quantize is None and (self.eval_data is not None or self.quantize_branches is not None):
+            raise ExportError("--eval-data and --quantize-branches apply to quantized exports: add --quantize int8")
+
+    @property
+    def branches_in_int8(self) -> bool:
+        return self.quantize_branches if self.quantize_branches is not None else self.quantize.branches_default
 
 
 @dataclass
@@ -105,6 +131,8 @@ class ModeResult:
     fused_ops: dict[str, int] | None
     seconds: float
     runner: OrtRunner | None = None
+    quantized: onnx.ModelProto | None = None  # the int8 graph that replaced the fp32 one on disk
+    quantization: dict | None = None  # its manifest section
 
     @property
     def onnx_path(self) -> Path:
@@ -190,6 +218,8 @@ def export_mode(plan: Plan, mode: ExportMode, out_dir: Path, request: ExportRequ
     if request.optimize:
         with _step(f"{mode.name}: ONNX Runtime transformer fusions"):
             graph, fused = graphs.optimize(graph, plan.arch, module.config, mode.attention_op, mode.has_branches)
+    if request.dtype.residual_sum:
+        graphs.residual_adds_as_sum(graph)
     if request.dtype.float16:
         graph = graphs.to_float16(graph)
     graphs.save(graph, out_dir / ONNX_FILE)
@@ -272,9 +302,11 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
             "fused_ops": result.fused_ops,
             # SkipLayerNormalization is left to ONNX Runtime's session-time fusion (see specs.FusionSpec)
             "fusion_settings": dataclasses.asdict(FUSIONS) if request.optimize else None,
-            "op_counts": graphs.op_counts(graph),
+            "op_counts": graphs.op_counts(result.quantized or graph),
         },
         "validation": _validation_figures(plan, result, report, request.dtype),
+        # parity above is the fp32 graph's, before quantization; the int8 graph is judged by accuracy here
+        "quantization": result.quantization,
         "export_seconds": round(result.seconds, 2),
         "versions": package_versions(),
     }
@@ -285,14 +317,70 @@ def _finish(plan: Plan, result: ModeResult, report: ValidationReport | None, req
     write_json(result.dir / MANIFEST_FILE, mode_manifest(plan, result, report, request))
 
 
+def _eval_set(plan: Plan, request: ExportRequest) -> EvalSet:
+    """The labelled rows an int8 export is judged on (refuses before any export work when none)."""
+    from adalora_deploy.model import read_checkpoint_config
+
+    if plan.task.output != "logits":
+        raise ExportError(
+            f"--quantize {request.quantize.name} is judged by classification accuracy: export "
+            f"{plan.task.name} without --quantize"
+        )
+    source = plan.source
+    train = read_checkpoint_config(source.path).get("train") if source.kind == "adalora-deploy-checkpoint" else None
+    limits = [getattr(plan.tokenizer, "model_max_length", 0), plan.model.config.max_position_embeddings]
+    max_length = min(int(n) for n in limits if 0 < n < 1_000_000)
+    with _step("loading the evaluation data for int8"):
+        return eval_set(train, request.eval_data, dict(plan.model.config.id2label), max_length)
+
+
+def quantize_mode(plan: Plan, result: ModeResult, request: ExportRequest, evaluation: EvalSet, scratch: Path) -> None:
+    """Quantize one mode's fp32 graph, judge it on `evaluation` and, if it passes the accuracy gate,
+    put it in place of the fp32 model.onnx."""
+    start = time.perf_counter()
+    spec = request.quantize
+    if (result.dir / (ONNX_FILE + "_data")).exists():
+        raise ExportError(f"--quantize {spec.name} of graphs over 2 GB is not supported: export without it")
+    int8_path = scratch / f"{result.mode.name}-{spec.name}.onnx"
+    exclude = branch_nodes(result.graph) if result.mode.has_branches and not request.branches_in_int8 else []
+    with _step(f"{result.mode.name}: {spec.name} quantization (ONNX Runtime, dynamic)"):
+        result.quantized = quantize_graph(result.onnx_path, int8_path, spec, exclude)
+    with _step(f"{result.mode.name}: fp32 vs {spec.name} accuracy on {len(evaluation.dataset)} examples"):
+        fp32 = predict(result.runner or OrtRunner(result.onnx_path), plan.tokenizer, evaluation)
+        int8 = predict(OrtRunner(int8_path), plan.tokenizer, evaluation)
+    figures = {"data": evaluation.dataset.source, "origin": evaluation.origin, "max_length": evaluation.max_length,
+               **accuracy_figures(fp32, int8, np.asarray(evaluation.dataset.labels)),
+               "max_accuracy_drop": request.max_accuracy_drop}
+    check_drop(result.mode.name, figures, request.max_accuracy_drop)
+    sizes = {"fp32_bytes": result.onnx_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
+    shutil.move(str(int8_path), str(result.onnx_path))
+    result.quantization = {
+        "scheme": spec.name,
+        "tool": "onnxruntime.quantization.quantize_dynamic",
+        "weights": "int8, symmetric, " + ("per output channel" if spec.per_channel else "per tensor"),
+        "activations": "uint8, dynamic (scale and zero point computed per tensor at run time)",
+        "op_types": list(spec.op_types),
+        "branches": ("int8" if request.branches_in_int8 else "fp32") if result.mode.has_branches else None,
+        "fp32_nodes_kept": exclude,
+        **sizes, "size_ratio": round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4),
+        "evaluation": figures,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def _export_into(tmp: Path, source: Source, request: ExportRequest) -> None:
     plan = make_plan(source, request)
+    evaluation = _eval_set(plan, request) if request.quantize else None
     results = [export_mode(plan, mode, tmp / mode.name, request) for mode in request.modes]
     report = None
     if request.validate:
         with _step(f"validating against PyTorch on {len(CASES)} input batches"):
             report = validate_all(plan, results, request.dtype)
         report.raise_if_failed()
+    if evaluation is not None:
+        with tempfile.TemporaryDirectory(prefix="adalora-quantize-") as scratch:
+            for result in results:
+                quantize_mode(plan, result, request, evaluation, Path(scratch))
     for result in results:
         _finish(plan, result, report, request)
 
@@ -300,7 +388,9 @@ def _export_into(tmp: Path, source: Source, request: ExportRequest) -> None:
 def export(
     checkpoint: str | os.PathLike, out: str | os.PathLike, *, mode: str = "both", prune_ranks: bool = False,
     dtype: str = "fp32", opset: int | None = None, optimize: bool = True, task: str | None = None,
-    base: str | None = None, overwrite: bool = False, validate: bool = True,
+    base: str | None = None, overwrite: bool = False, validate: bool = True, quantize: str | None = None,
+    eval_data: str | None = None, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    quantize_branches: bool | None = None,
 ) -> Path:
     """Export a checkpoint to ONNX: OUT/merged/ and/or OUT/factored/.
 
@@ -319,11 +409,21 @@ def export(
         base: overrides the base model the checkpoint names (a path or hub id).
         overwrite: replace a non-empty `out`.
         validate: check every graph against PyTorch and raise ExportValidationError on any failure.
+        quantize: "int8" for ONNX Runtime's dynamic int8 quantization of the fused graph (CPU serving),
+            judged by accuracy on labelled data; None keeps `dtype`.
+        eval_data: labelled CSV/JSONL (as `train --data` reads) the int8 graph is judged on; None takes
+            the checkpoint's held-out split when its data is known, and refuses otherwise.
+        max_accuracy_drop: most accuracy points int8 may lose against fp32; beyond it nothing is written.
+        quantize_branches: quantize the factored graph's low-rank branches too; None takes the
+            measured default (docs/quantization.md).
 
     Returns:
         `out` as a Path.
     """
-    request = ExportRequest(tuple(export_modes(mode)), prune_ranks, dtype_spec(dtype), opset, optimize, task, validate)
+    request = ExportRequest(
+        tuple(export_modes(mode)), prune_ranks, dtype_spec(dtype), opset, optimize, task, validate,
+        quantize_spec(quantize) if quantize is not None else None, eval_data, max_accuracy_drop, quantize_branches,
+    )
     check_output_dir(out, overwrite)
     with _step(f"loading {checkpoint}"):
         source = load_source(checkpoint, base=base)

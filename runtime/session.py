@@ -109,6 +109,12 @@ def read_manifest(model_dir: str | os.PathLike) -> dict | None:
     return read_json(path, "export manifest") if path.exists() else None
 
 
+def is_quantized(model_dir: str | os.PathLike) -> bool:
+    """Whether the export's manifest says its graph is int8 (`export --quantize`). ONNX Runtime's dynamic
+    int8 ops are CPU kernels, so provider "auto" runs such a graph on the CPU."""
+    return bool((read_manifest(model_dir) or {}).get("quantization"))
+
+
 def _tiny_probe_model() -> bytes:
     """A one-node ONNX model, to find out whether an execution provider really starts."""
     from onnx import TensorProto, helper
@@ -286,7 +292,7 @@ def open_session(model: str | os.PathLike, config: SessionConfig | None = None) 
     path = path / MODEL_FILE if path.is_dir() else path
     if not path.is_file():
         raise ExportDirError(f"ONNX model not found: {path}; run `adalora-deploy export` first")
-    providers = choose_providers(config)
+    providers = [CPU_EP] if config.provider == "auto" and is_quantized(path.parent) else choose_providers(config)
     try:
         session = ort.InferenceSession(
             str(path), session_options(config), providers=providers, disabled_optimizers=disabled_optimizers(providers)

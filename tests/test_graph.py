@@ -49,7 +49,7 @@ def unpruned_root(tmp_path_factory, tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, tiny_bert_dir, tiny_export_root) -> dict[str, onnx.ModelProto]:
-    """Optimum's plain export of the base model with a fresh head, and the same ORT fusions applied."""
+    """Optimum's plain export of the base model with a fresh head, and the same ORT fusions and passes applied."""
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForSequenceClassification
 
@@ -60,6 +60,8 @@ def plain(tmp_path_factory, tiny_bert_dir, tiny_export_root) -> dict[str, onnx.M
     unoptimized = onnx.load(str(out / "model.onnx"))
     fused, _ = graphs.optimize(onnx.load(str(out / "model.onnx")), ARCHITECTURES["bert"], model.config,
                                "Attention", has_branches=False)
+    for graph in (unoptimized, fused):
+        graphs.residual_adds_as_sum(graph)  # as the export does for fp32 graphs
     return {"unoptimized": unoptimized, "optimized": fused}
 
 
