@@ -25,6 +25,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
     "sequence-classification": ["classifier", "score"],
     "feature-extraction": [],
+    "token-classification": ["classifier"],
+    "question-answering": ["qa_outputs"],
+    "causal-lm": [],  # the LM head is part of the base weights (often tied to the embeddings)
 }
 
 

@@ -50,13 +50,8 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in self.id2label.items()}
+    num_labels = property(lambda self: len(self.id2label))
+    label2id = property(lambda self: label2id(self.id2label))
 
     def subset(self, indices: Iterable[int], source: str | None = None) -> TextDataset:
         idx = list(indices)
@@ -65,6 +60,10 @@ class TextDataset:
             [self.texts[i] for i in idx], [self.labels[i] for i in idx], dict(self.id2label), pairs,
             source if source is not None else self.source,
         )
+
+
+def label2id(id2label: dict[int, str]) -> dict[str, int]:
+    return {name: i for i, name in id2label.items()}
 
 
 # -- raw rows -------------------------------------------------------------------------------------

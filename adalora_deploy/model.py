@@ -27,7 +27,12 @@ PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TASK_AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "feature-extraction": "AutoModel",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "causal-lm": "AutoModelForCausalLM",
 }
+# Tasks whose head predicts named classes: the checkpoint and every export carry id2label.
+LABELLED_TASKS = ("sequence-classification", "token-classification")
 
 
 def resolve_model_path(name_or_path: str | None) -> str:
@@ -187,7 +192,7 @@ class AdaLoraModel(nn.Module):
             "model_type": mc.model_type,
             "task": self.task,
             "num_labels": getattr(mc, "num_labels", None),
-            "id2label": {str(k): v for k, v in getattr(mc, "id2label", {}).items()} if self.task != "feature-extraction" else None,
+            "id2label": {str(k): v for k, v in getattr(mc, "id2label", {}).items()} if self.task in LABELLED_TASKS else None,
             "adalora": self.config.to_dict(),
             "target_modules": self.target_modules,
             "modules_to_save": self.modules_to_save,
@@ -227,7 +232,7 @@ class AdaLoraModel(nn.Module):
         if base is not None:
             base_info = {"name_or_path": base, "revision": None}
         kwargs = {}
-        if meta["task"] == "sequence-classification":
+        if meta["task"] in LABELLED_TASKS:
             id2label = {int(k): v for k, v in meta["id2label"].items()}
             kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
         model = load_base_model(base_info["name_or_path"], meta["task"], base_info.get("revision"), **kwargs)

@@ -23,7 +23,10 @@ from .data import ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_split
 from .errors import CheckpointError, ConfigError
 from .io import check_output_dir
 from .model import AdaLoraModel, prepare_model, resolve_model_path
+from .task_data import READERS, correct_and_total, load_task_splits
 
+TRAIN_TASKS = ("sequence-classification", "token-classification", "question-answering", "causal-lm")
+LABELLED_TASKS = ("sequence-classification", "token-classification")  # id2label comes from the data
 MAX_GRAD_NORM = 1.0
 WARMUP_FRACTION = 0.06  # linear learning-rate warm-up, then linear decay to 0
 EVAL_BATCH_SIZE = 128
@@ -46,6 +49,8 @@ class TrainConfig:
         init_r, target_r, alpha, tinit, tfinal, delta_t, orth_reg, importance: as in AdaLoraConfig;
             tinit/tfinal/delta_t default to 10% / 30% / 1% of `steps`.
         target_modules: module-path suffixes to adapt; None takes the architecture's defaults.
+        task: sequence-classification, token-classification, question-answering or causal-lm
+            (data formats in docs/tasks.md).
         out: checkpoint directory; None trains without writing one.
         overwrite: replace a non-empty `out`.
     """
@@ -67,6 +72,7 @@ class TrainConfig:
     orth_reg: float = 0.1
     importance: str = "sensitivity-uncertainty"
     target_modules: list[str] | None = None
+    task: str = "sequence-classification"
     out: str | None = None
     overwrite: bool = False
 
@@ -74,6 +80,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.task not in TRAIN_TASKS:
+            raise ConfigError(f"task {self.task!r} cannot be trained: choose one of {', '.join(TRAIN_TASKS)} (--task)")
+        if self.data == ROTTEN_TOMATOES and self.task != "sequence-classification":
+            raise ConfigError(f"--task {self.task} needs its own --data file (see docs/tasks.md for the columns)")
         if not self.lr > 0:
             raise ConfigError(f"lr ({self.lr}) must be > 0, e.g. 1e-3 for adapters")
         # Defaults that scale with the run length: warm up on 10%, fix the mask for the last 30%.
@@ -91,7 +101,7 @@ class TrainConfig:
 
     def run_summary(self) -> dict:
         """The training settings recorded in the checkpoint."""
-        keys = ("data", "eval_data", "steps", "batch_size", "lr", "max_length", "seed")
+        keys = ("task", "data", "eval_data", "steps", "batch_size", "lr", "max_length", "seed")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -129,12 +139,11 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
     cfg = TrainConfig(**kwargs)
     if cfg.out is not None:
         check_output_dir(cfg.out, cfg.overwrite)  # refuse before any work, not after
-    train_set, eval_set = load_splits(cfg.data, cfg.eval_data)
+    train_set, eval_set = _load_data(cfg)
     rank, world, owns_group = _init_distributed()
     try:
         model, tokenizer = _prepare(cfg, train_set)
-        train_enc = encode(train_set, tokenizer, cfg.max_length)
-        eval_enc = encode(eval_set, tokenizer, cfg.max_length)
+        train_enc, eval_enc = (_encode(d, tokenizer, cfg.max_length) for d in (train_set, eval_set))
         allocator = RankAllocator(model, model.config, cfg.steps)
         start = time.perf_counter()
         losses, budgets = fit(model, allocator, train_enc, cfg, (rank, world), progress and rank == 0)
@@ -151,13 +160,40 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
             torch.distributed.destroy_process_group()
 
 
+def _load_data(cfg: TrainConfig):
+    if cfg.task in READERS:
+        return load_task_splits(cfg.task, cfg.data, cfg.eval_data)
+    return load_splits(cfg.data, cfg.eval_data)
+
+
+def _encode(dataset, tokenizer, max_length: int):
+    return dataset.encode(tokenizer, max_length) if hasattr(dataset, "encode") else encode(dataset, tokenizer, max_length)
+
+
+def _collate(encoded, rows: list[int]) -> dict:
+    return encoded.collate(rows) if hasattr(encoded, "collate") else collate(encoded, rows)
+
+
 def _prepare(cfg: TrainConfig, train_set) -> tuple[AdaLoraModel, object]:
-    torch.manual_seed(cfg.seed)  # the classifier head and P, Q are drawn here
-    model = prepare_model(
-        cfg.model, cfg.adalora_config(), num_labels=train_set.num_labels, id2label=train_set.id2label,
-        label2id=train_set.label2id,
-    )
-    return model, load_tokenizer(cfg.model)
+    torch.manual_seed(cfg.seed)  # the task head and P, Q are drawn here
+    labels = {}
+    if cfg.task in LABELLED_TASKS:
+        labels = {"num_labels": train_set.num_labels, "id2label": train_set.id2label, "label2id": train_set.label2id}
+    model = prepare_model(cfg.model, cfg.adalora_config(), cfg.task, **labels)
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.task == "causal-lm":
+        use_eos_as_pad(tokenizer, model.model.config)
+    return model, tokenizer
+
+
+def use_eos_as_pad(tokenizer, config) -> None:
+    """Decoders often ship without a pad token: pad with EOS (padding is masked out anyway), in the
+    tokenizer and in config.json, so that batched generation and exports agree."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        print(f"note: the tokenizer has no pad token; using EOS {tokenizer.eos_token!r} as the pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_tokenizer(name_or_path: str | None):
@@ -218,7 +254,7 @@ def fit(
     losses, budgets = [], []
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
     for step, rows in enumerate(batches(len(encoded), cfg.batch_size, cfg.seed, shard, encoded.lengths), start=1):
-        loss = net(**collate(encoded, rows)).loss
+        loss = net(**_collate(encoded, rows)).loss
         total = loss + gamma * model.orth_penalty() if gamma > 0 else loss
         total.backward()  # under DDP the gradients are all-reduced when this returns
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -243,17 +279,24 @@ def _smoothed(losses: list[float], window: int = 20) -> float:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, encoded: Encoded, batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Accuracy of `model` on tokenised rows (batched by length, so little padding)."""
+    """Accuracy of `model` on tokenised rows (batched by length, so little padding): of the class
+    (sequence classification), of the labelled tokens (token classification), of the next token on
+    the loss positions (causal LM), or of the exact answer span (question answering)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
-    correct = 0
+    correct = counted = 0
+    task = getattr(model, "task", "sequence-classification")
     for start in range(0, len(order), batch_size):
-        batch = collate(encoded, order[start:start + batch_size])
-        labels = batch.pop("labels")  # (B,)
-        correct += (model(**batch).logits.argmax(dim=-1) == labels).sum().item()
+        batch = _collate(encoded, order[start:start + batch_size])
+        if task in READERS:
+            hits, n = correct_and_total(task, model(**batch), batch)
+        else:
+            labels = batch.pop("labels")  # (B,)
+            hits, n = (model(**batch).logits.argmax(dim=-1) == labels).sum().item(), len(labels)
+        correct, counted = correct + hits, counted + n
     model.train(was_training)
-    return correct / len(encoded)
+    return correct / max(counted, 1)
 
 
 def _save(result: TrainResult, cfg: TrainConfig, tokenizer, source: str, rank: int, world: int) -> Path:

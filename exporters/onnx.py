@@ -29,6 +29,7 @@ from adalora_deploy.layers import svd_modules
 from adalora_deploy.prune import PrunedAdapter, prune, pruned_model
 
 from . import graph as graphs
+from .decoder import decoder_probes
 from .errors import ExportError
 from .manifest import (
     MANIFEST_FILE,
@@ -65,7 +66,7 @@ from .specs import (
     export_modes,
     task_spec,
 )
-from .validate import CASES, OrtRunner, ValidationReport, make_inputs, torch_output
+from .validate import CASES, OrtRunner, Probe, ValidationReport, plain_probes
 
 log = logging.getLogger("adalora_deploy.export")
 ONNX_FILE = "model.onnx"
@@ -231,31 +232,39 @@ def validate_all(plan: Plan, results: list[ModeResult], dtype: DtypeSpec) -> Val
     report = ValidationReport()
     for r in results:
         r.runner = OrtRunner(r.onnx_path, prefer_cuda=dtype.float16)
-        report.expect_outputs(r.mode.name, r.runner, plan.task.output)
-    config = plan.model.config
-    inputs = [make_inputs(case, config, results[0].runner.input_names, seed=i) for i, case in enumerate(CASES)]
-    reference = [torch_output(plan.task.module(plan.source.model.model), x, plan.task.output) for x in inputs]
+        for output in plan.task.outputs:
+            report.expect_outputs(r.mode.name, r.runner, output)
+    source_module = plan.task.module(plan.source.model.model)
+    probes = _probes(plan, results[0].runner, source_module)
+    reference = [p.reference(source_module) for p in probes]
     if plan.pruned is not None:
         check = report.check("pruned_vs_unpruned_pytorch", "pruned vs unpruned model (PyTorch)", PRUNE_ATOL)
-        for case, x, want in zip(CASES, inputs, reference, strict=True):
-            check.compare(case, torch_output(plan.task.module(plan.model), x, plan.task.output), want)
-    outputs = {r.mode.name: _ort_outputs(r, inputs, plan.task.output) for r in results}
+        for p, want in zip(probes, reference, strict=True):
+            check.compare_all(p.case, p.reference(plan.task.module(plan.model)), want)
+    outputs = {r.mode.name: _ort_outputs(r, probes, plan.task.outputs) for r in results}
     for r in results:
         check = report.check(f"{r.mode.name}:onnx_vs_pytorch", f"{r.mode.name}: ONNX Runtime vs PyTorch", dtype.atol)
-        for case, got, want in zip(CASES, outputs[r.mode.name], reference, strict=True):
-            check.compare(case, got, want)
+        for p, got, want in zip(probes, outputs[r.mode.name], reference, strict=True):
+            check.compare_all(p.case, got, want)
     if len(outputs) == 2:
         atol = CROSS_MODE_ATOL if not dtype.float16 else dtype.atol
         check = report.check("merged_vs_factored", "merged vs factored (ONNX Runtime)", atol)
-        for case, a, b in zip(CASES, outputs["merged"], outputs["factored"], strict=True):
-            check.compare(case, a, b)
+        for p, a, b in zip(probes, outputs["merged"], outputs["factored"], strict=True):
+            check.compare_all(p.case, a, b)
     return report
 
 
-def _ort_outputs(result: ModeResult, inputs: list[dict], output: str) -> list[np.ndarray]:
-    if output not in result.runner.output_names:
-        return [np.full(0, np.nan) for _ in inputs]  # reported by expect_outputs; shapes then mismatch
-    return [result.runner.run(x)[output] for x in inputs]
+def _probes(plan: Plan, runner: OrtRunner, source_module: nn.Module) -> list[Probe]:
+    if plan.task.with_past:
+        return decoder_probes(plan.model.config, runner, source_module)
+    return plain_probes(plan.model.config, runner.input_names, plan.task.outputs)
+
+
+def _ort_outputs(result: ModeResult, probes: list[Probe], outputs: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    if any(o not in result.runner.output_names for o in outputs):
+        # reported by expect_outputs; the shapes then mismatch
+        return [dict.fromkeys(outputs, np.full(0, np.nan)) for _ in probes]
+    return [p.keep(result.runner.run(p.feeds)) for p in probes]
 
 
 def _module_figures(plan: Plan, result: ModeResult) -> dict[str, ModuleFigures]:

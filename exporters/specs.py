@@ -28,16 +28,19 @@ class TaskSpec:
         optimum_task: Optimum's task name, which picks the OnnxConfig (inputs, outputs, dynamic axes).
         ort_model_class: the optimum.onnxruntime class that loads the exported directory.
         pipeline_task: the transformers pipeline task that runs it.
-        output: the ONNX output checked against PyTorch.
+        outputs: the ONNX outputs checked against PyTorch.
         needs_head: whether the checkpoint must have been trained with a task head.
+        with_past: the graph takes and returns past key values (a decoder for generation); it is
+            validated on a prefill and a decode step (exporters/decoder.py).
     """
 
     name: str
     optimum_task: str
     ort_model_class: str
     pipeline_task: str
-    output: str
+    outputs: tuple[str, ...]
     needs_head: bool
+    with_past: bool = False
 
     def module(self, model):
         """The part of a (possibly headed) transformers model this task exports."""
@@ -47,11 +50,23 @@ class TaskSpec:
 TASKS = {
     "sequence-classification": TaskSpec(
         "sequence-classification", "text-classification", "ORTModelForSequenceClassification",
-        "text-classification", "logits", needs_head=True,
+        "text-classification", ("logits",), needs_head=True,
     ),
     "feature-extraction": TaskSpec(
         "feature-extraction", "feature-extraction", "ORTModelForFeatureExtraction",
-        "feature-extraction", "last_hidden_state", needs_head=False,
+        "feature-extraction", ("last_hidden_state",), needs_head=False,
+    ),
+    "token-classification": TaskSpec(
+        "token-classification", "token-classification", "ORTModelForTokenClassification",
+        "token-classification", ("logits",), needs_head=True,
+    ),
+    "question-answering": TaskSpec(
+        "question-answering", "question-answering", "ORTModelForQuestionAnswering",
+        "question-answering", ("start_logits", "end_logits"), needs_head=True,
+    ),
+    "causal-lm": TaskSpec(
+        "causal-lm", "text-generation-with-past", "ORTModelForCausalLM", "text-generation", ("logits",),
+        needs_head=True, with_past=True,
     ),
 }
 

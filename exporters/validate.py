@@ -6,6 +6,7 @@ inputs of several batch sizes and sequence lengths, padded on either side. Every
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,33 @@ def torch_output(module: torch.nn.Module, inputs: dict[str, np.ndarray], output:
     return getattr(outputs, output).float().numpy()
 
 
+@dataclass
+class Probe:
+    """One validation input: the graph's feeds, how PyTorch computes the reference outputs from a
+    module, and which part of the outputs counts (e.g. only unpadded positions of a decoder).
+
+    Attributes:
+        case: what the input is, for reports.
+        feeds: the ONNX graph's inputs.
+        reference: module -> {output name: fp32 array}.
+        keep: {output name: array} -> the same with ignored positions zeroed (identity by default).
+    """
+
+    case: InputCase
+    feeds: dict[str, np.ndarray]
+    reference: Callable[[torch.nn.Module], dict[str, np.ndarray]]
+    keep: Callable[[dict], dict] = lambda outputs: outputs
+
+
+def plain_probes(config, input_names: list[str], outputs: tuple[str, ...]) -> list[Probe]:
+    """One probe per CASES entry: the module called on the feeds, as the graph is."""
+    probes = []
+    for i, case in enumerate(CASES):
+        feeds = make_inputs(case, config, input_names, seed=i)
+        probes.append(Probe(case, feeds, lambda m, x=feeds: {o: torch_output(m, x, o) for o in outputs}))
+    return probes
+
+
 def _providers(prefer_cuda: bool) -> list[str]:
     import onnxruntime as ort
 
@@ -109,14 +137,21 @@ class Check:
     cases: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
-    def compare(self, case: InputCase, got: np.ndarray, want: np.ndarray) -> None:
+    def compare(self, case: InputCase, got: np.ndarray, want: np.ndarray, output: str | None = None) -> None:
+        where = case.describe() + (f", {output}" if output else "")
         if got.shape != want.shape:
-            self.problems.append(f"{self.name}: {case.describe()}: shape {got.shape} != expected {want.shape}")
+            self.problems.append(f"{self.name}: {where}: shape {got.shape} != expected {want.shape}")
             return
         diff = float(np.max(np.abs(got - want))) if got.size else 0.0
-        self.cases.append({"batch": case.batch, "seq": case.seq, "padding": case.padding, "max_abs_diff": _finite(diff)})
+        record = {"batch": case.batch, "seq": case.seq, "padding": case.padding, "max_abs_diff": _finite(diff)}
+        self.cases.append(record if output is None else {**record, "output": output})
         if not diff <= self.atol:  # also catches NaN
-            self.problems.append(f"{self.name}: {case.describe()}: max abs diff {diff:.3g} > atol {self.atol:g}")
+            self.problems.append(f"{self.name}: {where}: max abs diff {diff:.3g} > atol {self.atol:g}")
+
+    def compare_all(self, case: InputCase, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+        """compare() per output; the output name is recorded only when there are several."""
+        for name, expected in want.items():
+            self.compare(case, got[name], expected, name if len(want) > 1 else None)
 
     @property
     def max_abs_diff(self) -> float:

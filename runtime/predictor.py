@@ -1,13 +1,15 @@
 """Text (or text pairs) -> the export's tokenizer -> ONNX Runtime -> logits, probabilities, labels.
 
-Classification exports return logits; feature-extraction exports return mean-pooled embeddings.
+Classification exports return logits; feature-extraction exports return mean-pooled embeddings;
+token-classification exports return a label per word (and BIO entities); question-answering exports
+return answer spans; causal-LM exports generate text (`generate`, `stream`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.io import read_json
 
+from . import token_tasks
+from .generate import GenerationConfig, Generator
 from .session import (
     CONFIG_FILE,
     ExportDirError,
@@ -31,6 +35,23 @@ TextInput = str | tuple[str, str] | list[str]
 
 CLASSIFICATION = "sequence-classification"
 FEATURE_EXTRACTION = "feature-extraction"
+TOKEN_CLASSIFICATION = "token-classification"
+QUESTION_ANSWERING = "question-answering"
+CAUSAL_LM = "causal-lm"
+
+
+def detect_task(session: OrtSession, manifest: dict | None) -> str:
+    """The export's task: from its manifest, else from the graph (for exports made by other tools)."""
+    if manifest and manifest.get("task"):
+        return manifest["task"]
+    if any(name.startswith("past_key_values.") for name in session.input_names):
+        return CAUSAL_LM
+    if "start_logits" in session.output_names:
+        return QUESTION_ANSWERING
+    if "logits" in session.output_names:
+        logits = next(o for o in session.session.get_outputs() if o.name == "logits")
+        return TOKEN_CLASSIFICATION if len(logits.shape) == 3 else CLASSIFICATION
+    return FEATURE_EXTRACTION
 
 
 @dataclass
@@ -48,12 +69,18 @@ class Predictions:
     label_ids: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)
     embeddings: np.ndarray | None = None
+    items: list[dict] | None = None  # token classification and question answering: one record per input
 
     def __len__(self) -> int:
+        if self.items is not None:
+            return len(self.items)
         return len(self.logits if self.logits is not None else self.embeddings)
 
     def records(self) -> list[dict]:
-        """One JSON-ready dict per input: {"label", "scores"} or {"embedding"}."""
+        """One JSON-ready dict per input: {"label", "scores"}, {"embedding"}, {"words", "entities"}
+        (token classification) or {"answer", "score", "start", "end"} (question answering)."""
+        if self.items is not None:
+            return self.items
         if self.task == FEATURE_EXTRACTION:
             return [{"embedding": e.tolist()} for e in self.embeddings]
         names = [self.id2label.get(i, str(i)) for i in range(self.probabilities.shape[1])]
@@ -116,7 +143,8 @@ class Predictor:
         self.manifest = manifest
         self.batch_size = batch_size
         self.max_length = max_length or self._default_max_length()
-        self.task = CLASSIFICATION if "logits" in session.output_names else FEATURE_EXTRACTION
+        self.task = detect_task(session, manifest)
+        self._generator: Generator | None = None
         self.id2label = {int(k): v for k, v in (model_config.get("id2label") or {}).items()}
         # Fast (Rust) tokenizers raise "Already borrowed" when one instance is used by two threads.
         self._tokenizer_lock = threading.Lock()
@@ -203,6 +231,10 @@ class Predictor:
             inputs = [inputs]
         if len(inputs) == 0:
             raise ConfigError("no inputs: pass at least one text")
+        if self.task == CAUSAL_LM:
+            raise ConfigError("this export is a causal LM: call generate() (POST /v1/generate), not predict()")
+        if self.task in (TOKEN_CLASSIFICATION, QUESTION_ANSWERING):
+            return self._token_task(inputs, batch_size or self.batch_size)
         encodings = self.tokenize(inputs)
         # Sorting by length groups similar lengths, so that each batch pads little.
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]["input_ids"]))
@@ -215,6 +247,93 @@ class Predictor:
         return self._predictions(np.stack(rows))
 
     __call__ = predict
+
+    def _token_task(self, inputs: Sequence[TextInput], batch_size: int) -> Predictions:
+        with self._tokenizer_lock:
+            if self.task == TOKEN_CLASSIFICATION:
+                records = token_tasks.tag_words(self, inputs, batch_size)
+            else:
+                records = token_tasks.answer_questions(self, inputs, batch_size)
+        return Predictions(self.task, self.id2label, items=records)
+
+    # -- generation (causal-LM exports) ---------------------------------------------------------
+
+    @property
+    def generator(self) -> Generator:
+        if self.task != CAUSAL_LM:
+            raise ConfigError(f"this export is a {self.task} model; only causal-LM exports (--task causal-lm) generate")
+        if self._generator is None:
+            self._generator = Generator(self.session, self._eos_ids(), self._pad_id())
+        return self._generator
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model_config.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _pad_id(self) -> int:
+        for pad in (self.model_config.get("pad_token_id"), self.tokenizer.pad_token_id, *sorted(self._eos_ids())):
+            if pad is not None:
+                return int(pad)
+        return 0
+
+    def _prompt_ids(self, prompts: str | Sequence[str], config: GenerationConfig) -> list[list[int]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("prompts must be a string or a non-empty list of strings")
+        with self._tokenizer_lock:
+            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        limit = self.model_config.get("max_position_embeddings") or self.model_config.get("n_positions")
+        longest = max(len(i) for i in ids)
+        if limit and longest + config.max_new_tokens > limit:
+            raise ConfigError(
+                f"a prompt of {longest} tokens plus max_new_tokens {config.max_new_tokens} exceeds the model's "
+                f"{limit} positions: shorten the prompt or lower max_new_tokens"
+            )
+        return ids
+
+    def generate(self, prompts: str | Sequence[str], **options) -> list[dict]:
+        """Generate a continuation of each prompt.
+
+        Args:
+            prompts: a prompt or a list of prompts (run as one left-padded batch).
+            options: GenerationConfig fields: max_new_tokens, do_sample, temperature, top_p, seed, use_cache.
+
+        Returns:
+            Per prompt {"text", "token_ids", "finish_reason": "eos" | "length"}; the text leaves out
+            special tokens such as EOS.
+        """
+        config = GenerationConfig(**options)
+        results = self.generator.generate(self._prompt_ids(prompts, config), config)
+        with self._tokenizer_lock:
+            for r in results:
+                r["text"] = self.tokenizer.decode(r["token_ids"], skip_special_tokens=True)
+        return results
+
+    def stream(self, prompts: str | Sequence[str], **options) -> Iterator[dict]:
+        """Like `generate`, one event per new token: {"index": prompt index, "token_id", "text": the new
+        text it adds}; a row's last event has "finish_reason". Text is held back while it ends in an
+        incomplete UTF-8 character."""
+        config = GenerationConfig(**options)
+        ids = self._prompt_ids(prompts, config)
+        tokens: list[list[int]] = [[] for _ in ids]
+        shown = [""] * len(ids)
+        finished = np.zeros(len(ids), dtype=bool)
+        for step, (new, done) in enumerate(self.generator.stream(ids, config), start=1):
+            for row in np.flatnonzero(~finished):
+                tokens[row].append(int(new[row]))
+                with self._tokenizer_lock:
+                    text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                last = bool(done[row]) or step == config.max_new_tokens
+                delta = text[len(shown[row]):] if last or not text.endswith("\ufffd") else ""
+                shown[row] += delta
+                event = {"index": int(row), "token_id": int(new[row]), "text": delta}
+                if last:
+                    event["finish_reason"] = "eos" if done[row] else "length"
+                yield event
+            finished = done
 
     def _run_batch(self, encodings: list[dict[str, list[int]]]) -> np.ndarray:
         """Logits (B, C) or mean-pooled embeddings (B, H) for one padded batch."""

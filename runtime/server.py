@@ -2,6 +2,8 @@
 
     POST /v1/predict  {"inputs": ["text", ["text", "text_pair"], ...]}
                       -> {"predictions": [{"label": ..., "scores": {label: p}}, ...]}
+    POST /v1/generate causal-LM exports: {"inputs": "prompt", "max_new_tokens": 20, "stream": false, ...}
+                      (runtime/generate_api.py)
     GET  /health      -> {"status": "ok", "provider": ..., counters}
     GET  /metadata    -> the export's adalora_manifest.json
 
@@ -24,7 +26,8 @@ from fastapi.responses import JSONResponse
 
 from adalora_deploy.errors import ConfigError
 
-from .predictor import Predictor, TextInput
+from .generate_api import add_generate_route
+from .predictor import CAUSAL_LM, Predictor, TextInput
 from .session import SessionConfig
 
 # JSON may spell one character as a 12-byte surrogate-pair escape; bodies past this bound for the
@@ -280,9 +283,11 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
         await batcher.start()
         yield
         await batcher.stop()
+        app.state.generation.shutdown()
 
     app = FastAPI(title="adalora-deploy", lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.generation = add_generate_route(app, predictor, config, RequestError, read_body)
 
     @app.exception_handler(RequestError)
     async def _bad_request(request, err: RequestError):
@@ -290,6 +295,8 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
 
     @app.post("/v1/predict")
     async def predict(request: Request):
+        if predictor.task == CAUSAL_LM:
+            raise RequestError(422, "this server runs a causal LM: use POST /v1/generate")
         inputs = parse_inputs(await read_body(request, config.max_body_bytes), config)
         return {"predictions": await batcher.submit(inputs)}
 

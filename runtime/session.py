@@ -264,6 +264,10 @@ class OrtSession:
         """All-ones integer (zeros float) inputs of `shape`, for warm-up and benchmarks."""
         feeds = {}
         for node in self.session.get_inputs():
+            if node.name.startswith("past_key_values."):  # (batch, heads, past 0, head_dim): an empty past
+                dtype = np.float16 if node.type == "tensor(float16)" else np.float32
+                feeds[node.name] = np.zeros((shape[0], node.shape[1], 0, node.shape[3]), dtype=dtype)
+                continue
             is_int = "int" in node.type
             dtype = np.int64 if node.type == "tensor(int64)" else (np.int32 if is_int else np.float32)
             fill = 1 if is_int and node.name != "token_type_ids" else 0

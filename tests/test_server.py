@@ -2,6 +2,7 @@
 start-up errors and graceful shutdown."""
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -32,14 +33,11 @@ def predictor(tiny_export_root):
     return Predictor.from_pretrained(tiny_export_root, provider="cpu")
 
 
-@pytest.fixture(scope="module")
-def server(predictor):
-    """uvicorn in a thread, on a free loopback port; yields (client, app)."""
+@contextlib.contextmanager
+def serving(app, config: ServerConfig, timeout: float = 30):
+    """Run `app` with uvicorn in a thread on config's host and port; yields an httpx client."""
     import uvicorn
 
-    config = ServerConfig(port=free_port(), max_batch_size=8, max_wait_ms=300, max_texts=MAX_TEXTS,
-                          max_chars=MAX_CHARS)
-    app = create_app(predictor, config)
     srv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -47,10 +45,22 @@ def server(predictor):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    with httpx.Client(base_url=f"http://{config.host}:{config.port}", timeout=30) as client:
+    try:
+        with httpx.Client(base_url=f"http://{config.host}:{config.port}", timeout=timeout) as client:
+            yield client
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(predictor):
+    """uvicorn in a thread, on a free loopback port; yields (client, app)."""
+    config = ServerConfig(port=free_port(), max_batch_size=8, max_wait_ms=300, max_texts=MAX_TEXTS,
+                          max_chars=MAX_CHARS)
+    app = create_app(predictor, config)
+    with serving(app, config) as client:
         yield client, app
-    srv.should_exit = True
-    thread.join(timeout=30)
 
 
 def assert_records_equal(got: list[dict], want: list[dict]) -> None:

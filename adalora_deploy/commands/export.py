@@ -6,7 +6,7 @@ import argparse
 
 MODES = ("merged", "factored", "both")
 DTYPES = ("fp32", "fp16")
-TASKS = ("sequence-classification", "feature-extraction")
+TASKS = ("sequence-classification", "feature-extraction", "token-classification", "question-answering", "causal-lm")
 QUANTIZE = ("int8",)
 
 

@@ -13,7 +13,7 @@ def _module_list(value: str) -> list[str]:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="fine-tune with AdaLoRA and write a checkpoint",
-        description="Fine-tune a sequence classifier (single sentences or pairs) with AdaLoRA: SVD adapters "
+        description="Fine-tune a model for --task (sequence classification by default) with AdaLoRA: SVD adapters "
         "whose ranks are re-allocated by importance on a cubic budget schedule.",
     )
     p.add_argument("--model", default=None, help="base model path or hub id (default: the packaged MiniLM)")
@@ -40,6 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-modules", type=_module_list, default=None,
                    help="comma-separated module-path suffixes to adapt (default: the architecture's "
                    "attention and FFN projections)")
+    p.add_argument("--task", default="sequence-classification",
+                   help="sequence-classification (text, label), token-classification (tokens, tags), "
+                   "question-answering (question, context, answer_text, answer_start) or causal-lm (text, or "
+                   "prompt and completion); data columns in docs/tasks.md (default: %(default)s)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
@@ -55,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if result.rank != 0:
         return 0  # under torchrun, rank 0 reports
     budget = sum(result.model.ranks().values())
-    print(f"eval accuracy: {result.eval_accuracy:.4f} on {result.eval_examples} examples ({result.eval_source})")
+    what = {"token-classification": "token accuracy", "question-answering": "exact span accuracy",
+            "causal-lm": "next-token accuracy"}.get(args.task, "accuracy")
+    print(f"eval {what}: {result.eval_accuracy:.4f} on {result.eval_examples} examples ({result.eval_source})")
     print(f"final budget: {budget} triplets over {len(result.model.adapters)} modules; "
           f"trained {len(result.losses)} steps in {result.train_seconds:.1f} s")
     print(f"checkpoint: {result.checkpoint}")

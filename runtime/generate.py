@@ -1,0 +1,155 @@
+"""Token generation on a decoder exported with past key values (Optimum's `text-generation-with-past`),
+with numpy and ONNX Runtime only.
+
+The loop is the one transformers' generate() runs, so that greedy decoding gives the same tokens:
+prompts are left-padded; positions are cumsum(mask) - 1 (1 on padding); the first call feeds the
+whole prompt with a past of length 0; every later call feeds one token per row with the returned
+`present.*` tensors as the past, and the mask grows by one column. A row that produced EOS keeps
+receiving the pad token and is reported as finished. `use_cache=False` recomputes the whole sequence
+at every step instead (the baseline the KV cache is measured against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from adalora_deploy.errors import ConfigError
+
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick the next tokens.
+
+    Args:
+        max_new_tokens: most tokens generated per prompt (EOS stops a row earlier).
+        do_sample: sample from the distribution; False takes the most likely token (greedy).
+        temperature: logits are divided by it before sampling (> 0).
+        top_p: nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p.
+        seed: seed of the sampler (None: a fresh random seed).
+        use_cache: feed the past key values back (False recomputes the whole sequence per token).
+    """
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature ({self.temperature}) must be > 0; use do_sample=false for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p ({self.top_p}) must be in (0, 1]")
+
+
+def position_ids(mask: np.ndarray) -> np.ndarray:
+    """transformers' generate(): cumsum(mask) - 1, and 1 on padded positions."""
+    positions = np.cumsum(mask, axis=-1) - 1  # (B, T)
+    return np.where(mask == 0, 1, positions).astype(np.int64)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), both (B, T), padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)  # (B, T)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    """The next token per row from last-position logits (B, V): argmax, or a temperature/top-p draw."""
+    if not config.do_sample:
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / config.temperature
+    probs = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)  # (B, V)
+    out = np.empty(len(probs), dtype=np.int64)
+    for row, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), config.top_p)) + 1]
+        out[row] = rng.choice(keep, p=p[keep] / p[keep].sum())
+    return out
+
+
+class Generator:
+    """Generates from an OrtSession over a with-past decoder graph.
+
+    Args:
+        session: an adalora_deploy.runtime OrtSession (anything with input_names, output_names,
+            run(feeds) and an onnxruntime `session` for the input shapes).
+        eos_ids: token ids that end a row.
+        pad_id: the id fed for padding and for finished rows.
+    """
+
+    def __init__(self, session, eos_ids: set[int], pad_id: int):
+        self.session = session
+        self.eos_ids = set(eos_ids)
+        self.pad_id = pad_id
+        self.past_names = [n for n in session.input_names if n.startswith(PAST_PREFIX)]
+        if not self.past_names:
+            raise ConfigError(
+                f"{session.path} takes no past key values: export the model with --task causal-lm to generate"
+            )
+        inputs = {i.name: i for i in session.session.get_inputs()}
+        # (batch, heads, past, head_dim): the two static dims of every past input, and its dtype
+        self.past_dims = {n: (inputs[n].shape[1], inputs[n].shape[3]) for n in self.past_names}
+        self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, h, 0, d), dtype=self.past_dtype) for n, (h, d) in self.past_dims.items()}
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)[:, -ids.shape[1]:], **past}
+        outputs = self.session.run(feeds)
+        present = {PAST_PREFIX + n[len(PRESENT_PREFIX):]: v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
+        return outputs["logits"][:, -1], present  # (B, V)
+
+    def stream(self, prompts: list[list[int]], config: GenerationConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (tokens (B,), finished (B,)) once per generated position; finished rows get pad_id.
+
+        Stops after max_new_tokens or when every row has produced an EOS.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token")
+        rng = np.random.default_rng(config.seed)
+        ids, mask = left_pad(prompts, self.pad_id)
+        done = np.zeros(len(prompts), dtype=bool)
+        logits, past = self._run(ids, mask, self._empty_past(len(prompts)))
+        for _ in range(config.max_new_tokens):
+            tokens = np.where(done, self.pad_id, sample(logits, config, rng))  # (B,)
+            done = done | np.isin(tokens, list(self.eos_ids))
+            yield tokens, done.copy()
+            if done.all():
+                return
+            ids = np.concatenate([ids, tokens[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+            if config.use_cache:
+                logits, past = self._run(tokens[:, None], mask, past)
+            else:
+                logits, _ = self._run(ids, mask, self._empty_past(len(prompts)))
+
+    def generate(self, prompts: list[list[int]], config: GenerationConfig) -> list[dict]:
+        """Generated ids per prompt: {"token_ids": [...] (EOS included when reached),
+        "finish_reason": "eos" | "length"}."""
+        out = [{"token_ids": [], "finish_reason": "length"} for _ in prompts]
+        finished = np.zeros(len(prompts), dtype=bool)
+        for tokens, done in self.stream(prompts, config):
+            for row in np.flatnonzero(~finished):
+                out[row]["token_ids"].append(int(tokens[row]))
+                if done[row]:
+                    out[row]["finish_reason"] = "eos"
+            finished = done
+        return out
