@@ -330,7 +330,7 @@ def _eval_set(plan: Plan, request: ExportRequest) -> EvalSet:
     """The labelled rows an int8 export is judged on (refuses before any export work when none)."""
     from adalora_deploy.model import read_checkpoint_config
 
-    if plan.task.output != "logits":
+    if plan.task.name != "sequence-classification":
         raise ExportError(
             f"--quantize {request.quantize.name} is judged by classification accuracy: export "
             f"{plan.task.name} without --quantize"
