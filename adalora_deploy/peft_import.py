@@ -30,7 +30,13 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 RANKNUM_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5)
-PEFT_TASKS = {"SEQ_CLS": "sequence-classification", "FEATURE_EXTRACTION": "feature-extraction"}
+PEFT_TASKS = {
+    "SEQ_CLS": "sequence-classification", "FEATURE_EXTRACTION": "feature-extraction",
+    "TOKEN_CLS": "token-classification", "QUESTION_ANS": "question-answering", "CAUSAL_LM": "causal-lm",
+}
+# Tasks whose head is newly initialised on the base model, so PEFT must have saved it (modules_to_save).
+HEADED_TASKS = ("sequence-classification", "token-classification", "question-answering")
+LABELLED_TASKS = ("sequence-classification", "token-classification")
 PEFT_TO_TRIPLET = {"lora_A": "Q", "lora_E": "lam", "lora_B": "P"}
 
 
@@ -189,14 +195,17 @@ def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
 
 def _label_kwargs(adapter: PeftAdapter, base_path: str) -> dict:
     """num_labels from the saved head (its output layer is the 2-D weight with the fewest rows)."""
-    if adapter.task != "sequence-classification":
+    if adapter.task not in HEADED_TASKS:
         return {}
     weights = [v for k, v in adapter.tensors.items() if k.rpartition(".")[0] in adapter.head_modules and v.dim() == 2]
     if not weights:
+        task_type = next(k for k, v in PEFT_TASKS.items() if v == adapter.task)
         raise CheckpointError(
-            "the PEFT adapter has no saved classification head (modules_to_save): re-train with "
-            "task_type='SEQ_CLS' so that the head is saved, or export with --task feature-extraction"
+            f"the PEFT adapter has no saved task head for {adapter.task} (modules_to_save): re-train with "
+            f"task_type='{task_type}' so that the head is saved, or export with --task feature-extraction"
         )
+    if adapter.task not in LABELLED_TASKS:
+        return {}
     num_labels = min(w.shape[0] for w in weights)
     from transformers import AutoConfig
 

@@ -144,5 +144,5 @@ def test_adapter_without_head_cannot_export_classification(tmp_path, peft_adapte
     broken = _copy(peft_adapter, tmp_path / "nohead")
     state = load_file(str(broken / "adapter_model.safetensors"))
     save_file({k: v for k, v in state.items() if ".classifier." not in k}, str(broken / "adapter_model.safetensors"))
-    with pytest.raises(CheckpointError, match="no saved classification head"):
+    with pytest.raises(CheckpointError, match="no saved task head for sequence-classification"):
         load_peft_adapter(broken)
