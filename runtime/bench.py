@@ -11,6 +11,8 @@ Targets (checked on every measured cell, printed as pass/fail):
   the share being the branch's FLOPs over the merged graph's (runtime/flops.py).
 - pruned_faster_than_unpruned: p50(factored_pruned) < p50(factored_unpruned).
 - merged_vs_optimum_plain: p50(merged) <= 0.90 x p50(optimum_plain) at batch 1 and 32, seq 128.
+- merged_int8_vs_optimum_plain: p50(merged_int8) <= 0.55 x p50(optimum_plain) at batch 1 and 32, seq 128.
+- merged_int8_vs_optimum_int8: p50(merged_int8) <= 0.90 x p50(optimum_int8) at batch 1 and 32, seq 128.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ MERGED_TOLERANCE = 0.03
 FLOP_SHARE_FACTOR = 1.5
 OPTIMUM_SPEEDUP = 0.10
 OPTIMUM_CELLS = ((1, 128), (32, 128))
+INT8_VS_PLAIN = 0.55
+INT8_VS_OPTIMUM_INT8 = 0.90
 
 
 @dataclass
@@ -48,6 +52,9 @@ class BenchConfig:
         threads: intra-op threads for ONNX Runtime and PyTorch alike.
         dtype: "fp32", or "fp16" (CUDA only).
         seed: seed of the random token ids.
+        int8: also time the int8 exports (merged_int8, factored_int8) and Optimum's int8 path
+            (optimum_int8), from a checkpoint; they run on the CPU, so only with provider cpu and fp32.
+        eval_data: labelled rows our int8 export is evaluated on (None: the checkpoint's held-out split).
     """
 
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
@@ -58,6 +65,8 @@ class BenchConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     dtype: str = "fp32"
     seed: int = 0
+    int8: bool = False
+    eval_data: str | None = None
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or not self.seq_lens or min(self.batch_sizes + self.seq_lens) < 1:
@@ -68,6 +77,8 @@ class BenchConfig:
             raise ConfigError(f"dtype {self.dtype!r} must be fp32 or fp16")
         if self.dtype == "fp16" and self.provider != "cuda":
             raise ConfigError("fp16 graphs are benchmarked on CUDA only: pass --provider cuda")
+        if self.int8 and (self.provider != "cpu" or self.dtype != "fp32"):
+            raise ConfigError("int8 graphs run on ONNX Runtime's CPU kernels: pass --provider cpu with --int8")
 
     def session_config(self) -> SessionConfig:
         # One thread pool per session, sized like PyTorch's, so that neither side gets more cores.
@@ -157,8 +168,18 @@ def _check(cell: dict, value: float, limit: float, passed: bool) -> dict:
             "passed": bool(passed)}
 
 
+def _ratio_checks(cells: list[dict], name: str, reference: str, limit: float) -> list[dict]:
+    """p50(name) / p50(reference) <= limit on the Optimum cells where both were measured."""
+    checks = []
+    for cell in cells:
+        a, b = _p50(cell, name), _p50(cell, reference)
+        if a and b and (cell["batch_size"], cell["seq_len"]) in OPTIMUM_CELLS:
+            checks.append(_check(cell, a / b, limit, a / b <= limit))
+    return checks
+
+
 def check_targets(cells: list[dict], flops: dict[int, dict] | None) -> list[dict]:
-    """Evaluate the four targets on every cell where their variants were measured."""
+    """Evaluate the targets on every cell where their variants were measured."""
     merged_base, overhead, pruned, plain = [], [], [], []
     for cell in cells:
         m, base = _p50(cell, "merged"), _p50(cell, "onnx_base")
@@ -182,6 +203,12 @@ def check_targets(cells: list[dict], flops: dict[int, dict] | None) -> list[dict
                 pruned),
         _target("merged_vs_optimum_plain", "merged p50 <= 0.90 x Optimum plain export p50 at batch 1 and 32, "
                 "seq 128 (value: ratio)", plain),
+        _target("merged_int8_vs_optimum_plain", f"merged_int8 p50 <= {INT8_VS_PLAIN} x Optimum plain export p50 at "
+                "batch 1 and 32, seq 128 (value: ratio)",
+                _ratio_checks(cells, "merged_int8", "optimum_plain", INT8_VS_PLAIN)),
+        _target("merged_int8_vs_optimum_int8", f"merged_int8 p50 <= {INT8_VS_OPTIMUM_INT8} x Optimum's own int8 "
+                "export p50 at batch 1 and 32, seq 128 (value: ratio)",
+                _ratio_checks(cells, "merged_int8", "optimum_int8", INT8_VS_OPTIMUM_INT8)),
     ]
 
 
@@ -268,7 +295,7 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
     from .variants import dirs_in_export, export_all, is_checkpoint, source_checkpoint
 
     if is_checkpoint(source):
-        return export_all(source, workdir, config.dtype, export_fn), source
+        return export_all(source, workdir, config.dtype, export_fn, config.int8, config.eval_data), source
     dirs = dirs_in_export(source)
     return dirs, source_checkpoint(dirs)
 
@@ -306,6 +333,7 @@ def run_bench(
         if not vocab:
             raise ExportDirError(f"{source}: config.json has no vocab_size to draw token ids from; re-export it")
         cells = measure_grid(variants, config, int(vocab))
+        int8_figures = int8_evaluation(dirs)  # read before the temporary exports go
     flops = {s: count_flops(model, s).to_dict() for s in config.seq_lens} if model is not None else None
     result = {
         "header": header(config, variants, source, command),
@@ -313,10 +341,23 @@ def run_bench(
         "flops": {str(s): f for s, f in flops.items()} if flops else None,
         "cells": cells,
         "targets": check_targets(cells, flops),
+        "int8_evaluation": int8_figures,
         "config": asdict(config),
     }
     write_outputs(result, json_path, markdown_path, plot_path)
     return result
+
+
+def int8_evaluation(dirs: dict) -> dict:
+    """The accuracy figures our int8 exports recorded at export time, by variant."""
+    from .session import read_manifest
+
+    figures = {}
+    for name, model_dir in dirs.items():
+        quantization = (read_manifest(model_dir) or {}).get("quantization")
+        if quantization:
+            figures[name] = quantization["evaluation"] | {"size_ratio": quantization["size_ratio"]}
+    return figures
 
 
 def check_output_files(paths: list[str | None], overwrite: bool) -> None:

@@ -11,7 +11,23 @@ TARGET_DEFINITIONS = [
     "  the pruned branch's FLOPs over the merged graph's at that sequence length.",
     "- `pruned_faster_than_unpruned`: p50(factored_pruned) < p50(factored_unpruned).",
     "- `merged_vs_optimum_plain`: p50(merged) <= 0.90 x p50(optimum_plain) at batch 1 and 32, sequence 128.",
+    "- `merged_int8_vs_optimum_plain`: p50(merged_int8) <= 0.55 x p50(optimum_plain) at batch 1 and 32, sequence 128.",
+    "- `merged_int8_vs_optimum_int8`: p50(merged_int8) <= 0.90 x p50(optimum_int8) at batch 1 and 32, sequence 128.",
 ]
+
+
+def int8_lines(result: dict) -> list[str]:
+    """Accuracy of our int8 exports as measured at export time (fp32 vs int8 on labelled rows)."""
+    figures = result.get("int8_evaluation") or {}
+    if not figures:
+        return []
+    rows = ["## int8 accuracy (measured by the export)", "",
+            "| variant | data | examples | fp32 acc | int8 acc | drop (points) | agreement | size / fp32 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, e in figures.items():
+        rows.append(f"| {name} | {e['data']} | {e['examples']} | {e['fp32_accuracy']:.4f} | {e['int8_accuracy']:.4f} | "
+                    f"{e['accuracy_drop_points']:+.2f} | {e['agreement']:.4f} | {e['size_ratio']:.3f} |")
+    return [*rows, ""]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -90,7 +106,8 @@ def render_markdown(result: dict) -> str:
         "## Latency", "", "Throughput is sequences per second at the median latency.", "",
         *results_table(result), "", "## FLOPs", "",
         "Per sequence; the share is the factored branch's FLOPs over the merged graph's (runtime/flops.py).",
-        "", *flops_lines(result), "", "## Targets", "", *TARGET_DEFINITIONS, "", *target_lines(result), "",
+        "", *flops_lines(result), "", *int8_lines(result), "## Targets", "", *TARGET_DEFINITIONS, "",
+        *target_lines(result), "",
     ]
     return "\n".join(parts)
 

@@ -25,7 +25,11 @@ ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_CONFIG = "adalora_config.json"
 
 # Variant names, in the order they are reported; "merged" is the reference for ratios.
-VARIANTS = ("pytorch", "onnx_base", "merged", "factored_pruned", "factored_unpruned", "optimum_plain")
+VARIANTS = (
+    "pytorch", "onnx_base", "merged", "factored_pruned", "factored_unpruned", "optimum_plain",
+    "merged_int8", "factored_int8", "optimum_int8",
+)
+INT8_VARIANTS = ("merged_int8", "factored_int8", "optimum_int8")
 DESCRIPTIONS = {
     "pytorch": "PyTorch eager, masked unpruned SVD adapter (what training produced)",
     "onnx_base": "ONNX base model without adapter (every triplet pruned, same exporter as merged)",
@@ -33,7 +37,13 @@ DESCRIPTIONS = {
     "factored_pruned": "ONNX factored graph, low-rank branch with pruned triplets removed",
     "factored_unpruned": "ONNX factored graph, low-rank branch keeping all init_r triplets",
     "optimum_plain": "Optimum's plain ONNX export of the same merged model (no ORT transformer optimisation)",
+    "merged_int8": "ONNX merged graph, pruned, int8 (export --quantize int8: ORT dynamic quantization after fusion)",
+    "factored_int8": "ONNX factored graph, pruned, int8 (export --quantize int8, branches int8)",
+    "optimum_int8": "Optimum's int8 path: ORTQuantizer, AutoQuantizationConfig.avx512_vnni(is_static=False, "
+    "per_channel=True), on Optimum's plain export of the same merged model",
 }
+# bench's int8 exports are for timing: the accuracy gate is left open, its figures are reported instead
+BENCH_MAX_ACCURACY_DROP = 100.0
 OPTIMUM_TASKS = {"sequence-classification": "text-classification", "feature-extraction": "feature-extraction"}
 
 ExportFn = Callable[..., Path]
@@ -137,13 +147,32 @@ def optimum_plain_export(checkpoint: Path, out: Path, opset: int | None = None, 
     return out
 
 
+def optimum_int8_export(plain: Path, out: Path) -> Path:
+    """Optimum's own dynamic int8 quantization of its plain export (what an Optimum user would run).
+
+    Args:
+        plain: the directory of `optimum_plain_export`.
+        out: the directory to write; its model is renamed model.onnx, as the other variants'.
+    """
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+    ORTQuantizer.from_pretrained(plain).quantize(save_dir=out, quantization_config=config, file_suffix="quantized")
+    (out / "model_quantized.onnx").rename(out / MODEL_FILE)
+    return out
+
+
 def default_export() -> ExportFn:
     from adalora_deploy.exporters import export
 
     return export
 
 
-def export_all(checkpoint: Path, workdir: Path, dtype: str = "fp32", export_fn: ExportFn | None = None) -> dict:
+def export_all(
+    checkpoint: Path, workdir: Path, dtype: str = "fp32", export_fn: ExportFn | None = None, int8: bool = False,
+    eval_data: str | None = None,
+) -> dict:
     """Export every ONNX variant of `checkpoint` under `workdir`; returns {variant name: model dir}.
 
     Args:
@@ -151,6 +180,8 @@ def export_all(checkpoint: Path, workdir: Path, dtype: str = "fp32", export_fn: 
         workdir: an empty scratch directory.
         dtype: "fp32" or "fp16", passed to the exporter.
         export_fn: the exporter (adalora_deploy.exporters.export by default).
+        int8: also export merged_int8, factored_int8 (ours) and optimum_int8 (Optimum's quantizer).
+        eval_data: labelled rows for our int8 export's evaluation (None: the checkpoint's held-out split).
     """
     export_fn = export_fn or default_export()
     pruned = export_fn(checkpoint, workdir / "pruned", mode="both", prune_ranks=True, dtype=dtype)
@@ -159,13 +190,19 @@ def export_all(checkpoint: Path, workdir: Path, dtype: str = "fp32", export_fn: 
     base = export_fn(zero, workdir / "base", mode="merged", prune_ranks=True, dtype=dtype)
     opset = (read_manifest(Path(pruned) / "merged") or {}).get("opset")
     plain = optimum_plain_export(checkpoint, workdir / "optimum-plain", opset=opset, fp16=dtype == "fp16")
-    return {
+    dirs = {
         "onnx_base": Path(base) / "merged",
         "merged": Path(pruned) / "merged",
         "factored_pruned": Path(pruned) / "factored",
         "factored_unpruned": Path(unpruned) / "factored",
         "optimum_plain": Path(plain),
     }
+    if int8:
+        q = export_fn(checkpoint, workdir / "int8", mode="both", prune_ranks=True, quantize="int8",
+                      eval_data=eval_data, max_accuracy_drop=BENCH_MAX_ACCURACY_DROP)
+        dirs.update(merged_int8=Path(q) / "merged", factored_int8=Path(q) / "factored",
+                    optimum_int8=optimum_int8_export(Path(plain), workdir / "optimum-int8"))
+    return dirs
 
 
 def factored_name(manifest: dict | None) -> str:
@@ -193,7 +230,10 @@ def dirs_in_export(path: Path) -> dict:
     for model_dir in candidates:
         manifest = read_manifest(model_dir) or {}
         mode = manifest.get("mode", model_dir.name)
-        found["merged" if mode == "merged" else factored_name(manifest)] = model_dir
+        if manifest.get("quantization"):
+            found[f"{mode}_int8"] = model_dir
+        else:
+            found["merged" if mode == "merged" else factored_name(manifest)] = model_dir
     return found
 
 

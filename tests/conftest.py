@@ -3,6 +3,7 @@ real WordPiece tokenizer, and checkpoints with known ranks."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -101,3 +102,29 @@ def tiny_export_root(tmp_path_factory, tiny_checkpoint) -> Path:
     from adalora_deploy.exporters import export
 
     return Path(export(tiny_checkpoint, tmp_path_factory.mktemp("export") / "onnx", mode="both", prune_ranks=True))
+
+
+# Labelled rows for int8 exports' evaluation. 24 rows: one evaluation batch, so that int8's per-batch
+# activation scales are the same for the export's evaluation and the Predictor's (dynamic quantization
+# depends on what shares a batch).
+EVAL_TEXTS = [
+    "a quietly devastating film", "the plot never comes together", "sharp, funny and humane",
+    "a tedious mess from start to finish", "one of the year's best", "flat jokes and flatter acting",
+    "it earns every tear", "overlong and underwritten", "a small miracle of a movie", "dull",
+    "the cast is uniformly excellent", "nothing here feels alive", "smart and surprisingly moving",
+    "an incoherent, noisy bore", "a delight", "lazy sequel filmmaking at its worst",
+    "beautifully shot and acted", "the script is a disaster", "warm, witty, wise",
+    "i wanted my two hours back", "a triumph of craft", "predictable from the first scene",
+    "funny in all the right places", "painfully slow",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "eval.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i, text in enumerate(EVAL_TEXTS):
+            writer.writerow([text, ID2LABEL[i % 2]])
+    return path

@@ -40,12 +40,14 @@ def cell(batch, seq, **p50):
 
 def test_targets_on_known_numbers():
     cells = [
-        # merged 2% slower than base; factored 1% over merged; pruned faster; merged 0.85 x plain.
+        # merged 2% slower than base; factored 1% over merged; pruned faster; merged 0.85 x plain;
+        # merged_int8 0.5 x plain and 0.8 x optimum_int8.
         cell(1, 128, onnx_base=10.0, merged=10.2, factored_pruned=10.302, factored_unpruned=11.0,
-             optimum_plain=12.0),
-        # merged 5% slower than base; factored 3% over merged; unpruned faster; merged 0.95 x plain.
+             optimum_plain=12.0, merged_int8=6.0, optimum_int8=7.5),
+        # merged 5% slower than base; factored 3% over merged; unpruned faster; merged 0.95 x plain;
+        # merged_int8 0.6 x plain and 0.95 x optimum_int8.
         cell(32, 128, onnx_base=100.0, merged=105.0, factored_pruned=108.15, factored_unpruned=107.0,
-             optimum_plain=110.5263),
+             optimum_plain=110.5263, merged_int8=66.3158, optimum_int8=69.8061),
         cell(8, 32, merged=5.0, factored_pruned=5.0),  # no base, no unpruned, not an Optimum cell
     ]
     flops = {128: {"share": 0.01}, 32: {"share": 0.0}}
@@ -54,6 +56,9 @@ def test_targets_on_known_numbers():
     assert [c["passed"] for c in targets["factored_flop_overhead"]["cells"]] == [True, False, True]
     assert [c["passed"] for c in targets["pruned_faster_than_unpruned"]["cells"]] == [True, False]
     assert [c["passed"] for c in targets["merged_vs_optimum_plain"]["cells"]] == [True, False]
+    assert [c["passed"] for c in targets["merged_int8_vs_optimum_plain"]["cells"]] == [True, False]
+    assert [c["passed"] for c in targets["merged_int8_vs_optimum_int8"]["cells"]] == [True, False]
+    assert targets["merged_int8_vs_optimum_int8"]["cells"][0]["value"] == pytest.approx(0.8)
     assert targets["merged_vs_base"]["cells"][0]["value"] == pytest.approx(0.02)
     assert targets["factored_flop_overhead"]["cells"][0]["limit"] == pytest.approx(0.015)
     assert all(t["passed"] is False for t in targets.values())
@@ -80,11 +85,11 @@ def test_bench_cuda_without_cuda_fails_before_exporting(tiny_checkpoint, tmp_pat
 
 
 @pytest.mark.slow
-def test_bench_checkpoint_small_grid(tiny_checkpoint, tmp_path):
+def test_bench_checkpoint_small_grid(tiny_checkpoint, tiny_eval_csv, tmp_path):
     out = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
     argv = ["bench", str(tiny_checkpoint), "--batch-sizes", "1,2", "--seq-lens", "8,16", "--runs", "3",
             "--warmup", "1", "--threads", "1", "--provider", "cpu", "--json", str(out["json"]),
-            "--markdown", str(out["md"]), "--plot", str(out["png"])]
+            "--markdown", str(out["md"]), "--plot", str(out["png"]), "--int8", "--eval-data", str(tiny_eval_csv)]
     assert main(argv) == 0
     result = json.loads(out["json"].read_text())
     assert list(result["variants"]) == list(VARIANTS)
@@ -99,7 +104,12 @@ def test_bench_checkpoint_small_grid(tiny_checkpoint, tmp_path):
     assert result["header"]["threads"]["ort_intra_op"] == 1
     assert set(result["flops"]) == {"8", "16"}
     assert [t["name"] for t in result["targets"]] == [
-        "merged_vs_base", "factored_flop_overhead", "pruned_faster_than_unpruned", "merged_vs_optimum_plain"]
+        "merged_vs_base", "factored_flop_overhead", "pruned_faster_than_unpruned", "merged_vs_optimum_plain",
+        "merged_int8_vs_optimum_plain", "merged_int8_vs_optimum_int8"]
+    assert {name: v["provider"] for name, v in result["variants"].items() if name.endswith("int8")} == dict.fromkeys(
+        ("merged_int8", "factored_int8", "optimum_int8"), "CPUExecutionProvider")
+    assert set(result["int8_evaluation"]) == {"merged_int8", "factored_int8"}
+    assert result["int8_evaluation"]["merged_int8"]["examples"] == 24
     assert "| 2 | 16 | factored_unpruned |" in out["md"].read_text()
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -125,3 +135,10 @@ def test_bench_refuses_existing_outputs_before_any_work(tiny_checkpoint, tmp_pat
     assert "--overwrite" in capsys.readouterr().err
     assert kept.read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_int8_variants_need_the_cpu_provider():
+    from adalora_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--provider cpu"):
+        BenchConfig(int8=True, provider="auto")

@@ -3,7 +3,6 @@ Optimum's ORTModel), run, and predict what fp32 predicts; the accuracy gate refu
 nothing; the manifest records the scheme and the figures, checked against independent predictions."""
 
 import collections
-import csv
 import json
 from pathlib import Path
 
@@ -16,39 +15,14 @@ from adalora_deploy.exporters import ExportError, export
 from adalora_deploy.exporters.graph import branches
 from adalora_deploy.runtime import Predictor
 
-from .conftest import ID2LABEL
+from .conftest import EVAL_TEXTS as TEXTS
 
 pytestmark = pytest.mark.slow
-# 24 rows: one evaluation batch, so that int8's per-batch activation scales are the same for the
-# export's evaluation and the Predictor's (dynamic quantization depends on what shares a batch).
-TEXTS = [
-    "a quietly devastating film", "the plot never comes together", "sharp, funny and humane",
-    "a tedious mess from start to finish", "one of the year's best", "flat jokes and flatter acting",
-    "it earns every tear", "overlong and underwritten", "a small miracle of a movie", "dull",
-    "the cast is uniformly excellent", "nothing here feels alive", "smart and surprisingly moving",
-    "an incoherent, noisy bore", "a delight", "lazy sequel filmmaking at its worst",
-    "beautifully shot and acted", "the script is a disaster", "warm, witty, wise",
-    "i wanted my two hours back", "a triumph of craft", "predictable from the first scene",
-    "funny in all the right places", "painfully slow",
-]
-
-
 @pytest.fixture(scope="module")
-def eval_csv(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("eval") / "eval.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for i, text in enumerate(TEXTS):
-            writer.writerow([text, ID2LABEL[i % 2]])
-    return path
-
-
-@pytest.fixture(scope="module")
-def int8_root(tmp_path_factory, tiny_checkpoint, eval_csv) -> Path:
+def int8_root(tmp_path_factory, tiny_checkpoint, tiny_eval_csv) -> Path:
     # the tiny model is random: its accuracy means nothing, so the gate is opened wide here
     out = tmp_path_factory.mktemp("int8") / "onnx"
-    return Path(export(tiny_checkpoint, out, prune_ranks=True, quantize="int8", eval_data=str(eval_csv),
+    return Path(export(tiny_checkpoint, out, prune_ranks=True, quantize="int8", eval_data=str(tiny_eval_csv),
                        max_accuracy_drop=100.0))
 
 
@@ -74,9 +48,9 @@ def test_int8_export_runs_and_predicts_like_fp32(int8_root, tiny_export_root, mo
                     if n.name.startswith("adalora_branch:") and n.op_type == "MatMul"]
 
 
-def test_factored_branches_can_stay_fp32(tmp_path, tiny_checkpoint, tiny_export_root, eval_csv):
+def test_factored_branches_can_stay_fp32(tmp_path, tiny_checkpoint, tiny_export_root, tiny_eval_csv):
     out = export(tiny_checkpoint, tmp_path / "onnx", mode="factored", prune_ranks=True, quantize="int8",
-                 eval_data=str(eval_csv), max_accuracy_drop=100.0, quantize_branches=False)
+                 eval_data=str(tiny_eval_csv), max_accuracy_drop=100.0, quantize_branches=False)
     graph = onnx.load(str(out / "factored" / "model.onnx"))
     kept = [n for n in graph.graph.node if n.name.startswith("adalora_branch:") and n.op_type == "MatMul"]
     fp32_branches = branches(onnx.load(str(tiny_export_root / "factored" / "model.onnx")))
@@ -96,7 +70,7 @@ def test_int8_export_loads_in_optimum(int8_root):
 
 
 @pytest.mark.parametrize("mode", ["merged", "factored"])
-def test_manifest_records_quantization_and_its_figures(int8_root, tiny_export_root, eval_csv, mode):
+def test_manifest_records_quantization_and_its_figures(int8_root, tiny_export_root, tiny_eval_csv, mode):
     q = json.loads((int8_root / mode / "adalora_manifest.json").read_text())["quantization"]
     assert (q["scheme"], q["tool"]) == ("int8", "onnxruntime.quantization.quantize_dynamic")
     assert q["branches"] == (None if mode == "merged" else "int8")
@@ -105,7 +79,7 @@ def test_manifest_records_quantization_and_its_figures(int8_root, tiny_export_ro
     fp32 = Predictor.from_pretrained(tiny_export_root / mode).predict(TEXTS).label_ids
     int8 = Predictor.from_pretrained(int8_root / mode).predict(TEXTS).label_ids
     e = q["evaluation"]
-    assert (e["examples"], e["data"], e["origin"]) == (len(TEXTS), str(eval_csv), "--eval-data")
+    assert (e["examples"], e["data"], e["origin"]) == (len(TEXTS), str(tiny_eval_csv), "--eval-data")
     assert e["fp32_accuracy"] == pytest.approx(np.mean(fp32 == labels))
     assert e["int8_accuracy"] == pytest.approx(np.mean(int8 == labels))
     assert e["agreement"] == pytest.approx(np.mean(fp32 == int8))
@@ -113,10 +87,10 @@ def test_manifest_records_quantization_and_its_figures(int8_root, tiny_export_ro
     assert json.loads((tiny_export_root / mode / "adalora_manifest.json").read_text())["quantization"] is None
 
 
-def test_accuracy_gate_refuses_and_writes_nothing(tmp_path, tiny_checkpoint, eval_csv, capsys):
+def test_accuracy_gate_refuses_and_writes_nothing(tmp_path, tiny_checkpoint, tiny_eval_csv, capsys):
     out = tmp_path / "refused"
     code = main(["export", str(tiny_checkpoint), "--out", str(out), "--mode", "merged", "--quantize", "int8",
-                 "--eval-data", str(eval_csv), "--max-accuracy-drop", "-1"])
+                 "--eval-data", str(tiny_eval_csv), "--max-accuracy-drop", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
     assert err[-1].startswith("error: merged: int8 accuracy ") and "--max-accuracy-drop -1" in err[-1]
@@ -130,8 +104,8 @@ def test_int8_without_known_eval_data_is_refused(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "out").exists()
 
 
-def test_int8_flags_need_quantize_and_fp32(tmp_path, tiny_checkpoint, eval_csv):
+def test_int8_flags_need_quantize_and_fp32(tmp_path, tiny_checkpoint, tiny_eval_csv):
     with pytest.raises(ExportError, match="drop --dtype fp16"):
-        export(tiny_checkpoint, tmp_path / "a", quantize="int8", dtype="fp16", eval_data=str(eval_csv))
+        export(tiny_checkpoint, tmp_path / "a", quantize="int8", dtype="fp16", eval_data=str(tiny_eval_csv))
     with pytest.raises(ExportError, match="add --quantize int8"):
-        export(tiny_checkpoint, tmp_path / "b", eval_data=str(eval_csv))
+        export(tiny_checkpoint, tmp_path / "b", eval_data=str(tiny_eval_csv))

@@ -38,6 +38,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for ONNX Runtime and PyTorch alike (default: all logical CPUs)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision; fp16 needs CUDA")
+    p.add_argument("--int8", action="store_true",
+                   help="also time int8 exports (export --quantize int8, merged and factored) and Optimum's own int8 "
+                   "path (ORTQuantizer, AVX512-VNNI dynamic config); needs --provider cpu")
+    p.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="labelled rows for the int8 export's evaluation (default: the checkpoint's held-out split)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results as a markdown page")
     p.add_argument("--plot", metavar="PATH", help="write a PNG plot")
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"threads": args.threads} if args.threads else {}
     config = BenchConfig(
         batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, runs=args.runs, warmup=args.warmup,
-        provider=args.provider, dtype=args.dtype, **kwargs,
+        provider=args.provider, dtype=args.dtype, int8=args.int8, eval_data=args.eval_data, **kwargs,
     )
     command = "adalora-deploy " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     result = run_bench(args.source, config, args.json, args.markdown, args.plot, command=command,
