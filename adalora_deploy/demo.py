@@ -8,7 +8,9 @@ figure of the summary is read back from the artifacts the stages wrote:
     OUT/checkpoint/         the AdaLoRA checkpoint (train)
     OUT/onnx/merged/        pruned adapter folded into W0 (export --prune-ranks)
     OUT/onnx/factored/      pruned low-rank branch beside W0
-    OUT/bench.json, .md     p50/p90/p99 latency of merged, factored and PyTorch (bench)
+    OUT/onnx-int8/merged/   the merged graph in int8 for CPU serving (export --quantize int8), judged
+                            on the held-out split (fp32 vs int8 accuracy and agreement)
+    OUT/bench.json, .md     p50/p90/p99 latency of merged, merged int8, factored and PyTorch (bench)
     OUT/latency.png
     OUT/ranks.png           the paper's heatmap of final ranks
     OUT/demo_summary.json   the summary below, as JSON
@@ -33,11 +35,11 @@ from .errors import ConfigError
 from .io import check_output_dir, read_json, write_json
 
 SUMMARY_FILE = "demo_summary.json"
-STAGES = 5
+STAGES = 6
 # --fast: a few steps and a one-cell benchmark, for tests and smoke runs (the figures mean little).
 FAST = {"steps": 8, "bench_batch_sizes": [1], "bench_seq_lens": [16], "bench_runs": 3}
 FULL = {"steps": 300, "bench_batch_sizes": [1, 32], "bench_seq_lens": [64], "bench_runs": 20}
-VARIANT_KEYS = {"merged": "merged", "factored": "factored_pruned", "pytorch": "pytorch"}
+VARIANT_KEYS = {"merged": "merged", "merged_int8": "merged_int8", "factored": "factored_pruned", "pytorch": "pytorch"}
 
 
 @dataclass
@@ -103,6 +105,10 @@ class DemoPaths:
     @property
     def onnx(self) -> Path:
         return self.root / "onnx"
+
+    @property
+    def onnx_int8(self) -> Path:
+        return self.root / "onnx-int8"
 
     def file(self, name: str) -> Path:
         return self.root / name
@@ -217,18 +223,40 @@ def export_stage(cfg: DemoConfig, paths: DemoPaths) -> Path:
         return export(paths.checkpoint, paths.onnx, mode="both", prune_ranks=True, validate=True)
 
 
+def int8_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
+    """The merged graph in int8 (export --quantize int8, judged on the held-out split by the export).
+
+    Returns:
+        The manifest's evaluation figures, or {"refused": message} when the export's accuracy gate
+        (or a missing held-out split) refused it: the demo reports that instead of failing.
+    """
+    from .exporters import ExportError, export
+
+    with export_logging(cfg.progress):
+        try:
+            export(paths.checkpoint, paths.onnx_int8, mode="merged", prune_ranks=True, quantize="int8")
+        except ExportError as err:
+            if cfg.progress:
+                print(f"  int8 export refused: {err}")
+            return {"refused": str(err)}
+    return read_json(paths.onnx_int8 / "merged" / "adalora_manifest.json", "export manifest")["quantization"]
+
+
 def score_stage(cfg: DemoConfig, paths: DemoPaths, heldout) -> dict[str, float]:
     """Held-out accuracy of each exported graph, through the runtime's Predictor (text in, label out)."""
     from .runtime.predictor import Predictor
 
     inputs = list(zip(heldout.texts, heldout.text_pairs, strict=True)) if heldout.text_pairs else heldout.texts
+    graphs = {mode: (paths.onnx, mode) for mode in ("merged", "factored")}
+    if (paths.onnx_int8 / "merged").is_dir():
+        graphs["merged_int8"] = (paths.onnx_int8, "merged")
     scores = {}
-    for mode in ("merged", "factored"):
-        predictor = Predictor.from_pretrained(paths.onnx, provider=cfg.provider, mode=mode, max_length=cfg.max_length)
+    for name, (root, mode) in graphs.items():
+        predictor = Predictor.from_pretrained(root, provider=cfg.provider, mode=mode, max_length=cfg.max_length)
         label_ids = predictor.predict(inputs, batch_size=128).label_ids  # (N,)
-        scores[mode] = sum(int(p) == y for p, y in zip(label_ids, heldout.labels, strict=True)) / len(heldout)
+        scores[name] = sum(int(p) == y for p, y in zip(label_ids, heldout.labels, strict=True)) / len(heldout)
         if cfg.progress:
-            print(f"  ONNX {mode} ({predictor.provider}): {scores[mode]:.4f} on {len(heldout)} held-out examples")
+            print(f"  ONNX {name} ({predictor.provider}): {scores[name]:.4f} on {len(heldout)} held-out examples")
     return scores
 
 
@@ -240,9 +268,11 @@ def bench_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
         batch_sizes=list(cfg.bench_batch_sizes), seq_lens=list(cfg.bench_seq_lens), runs=cfg.bench_runs,
         warmup=2, provider=cfg.provider,
     )
+    int8 = paths.onnx_int8 / "merged"
     return run_bench(
         paths.onnx, config, json_path=str(paths.file("bench.json")), markdown_path=str(paths.file("bench.md")),
         plot_path=str(paths.file("latency.png")), command="adalora-deploy demo",
+        extra_dirs={"merged_int8": int8} if int8.is_dir() else None,
     )
 
 
@@ -271,12 +301,14 @@ def latency_rows(bench: dict) -> list[dict]:
     return rows
 
 
-def build_summary(cfg: DemoConfig, paths: DemoPaths, onnx_accuracy: dict, majority: float, bench: dict) -> dict:
+def build_summary(
+    cfg: DemoConfig, paths: DemoPaths, onnx_accuracy: dict, majority: float, bench: dict, int8: dict,
+) -> dict:
     """The demo's figures, each taken from the artifact that holds it.
 
     Accuracy: the checkpoint's recorded eval accuracy (PyTorch) and the exported graphs scored by
     ONNX Runtime; budget: kept triplets counted from the checkpoint's masks; adapter parameters:
-    the pruned export's manifest; latency: the bench results.
+    the pruned export's manifest; latency: the bench results; int8: the int8 export's manifest.
     """
     from .report import rank_report
 
@@ -295,6 +327,11 @@ def build_summary(cfg: DemoConfig, paths: DemoPaths, onnx_accuracy: dict, majori
         "latency_p50_ms": latency_rows(bench),
         "bench_provider": bench["variants"].get("merged", {}).get("provider"),
         "bench_threads": bench["config"]["threads"],
+        "bench_providers": {k: bench["variants"].get(v, {}).get("provider") for k, v in VARIANT_KEYS.items()},
+        "int8": int8 if "refused" in int8 else {
+            "agreement": int8["evaluation"]["agreement"], "accuracy_drop_points": int8["evaluation"]["accuracy_drop_points"],
+            "size_ratio": int8["size_ratio"],
+        },
     }
 
 
@@ -308,6 +345,7 @@ def format_summary(summary: dict) -> str:
         f"held-out accuracy ({summary['heldout_examples']} examples): PyTorch {acc['pytorch']:.4f} | "
         f"ONNX merged {acc['onnx_merged']:.4f} | ONNX factored {acc['onnx_factored']:.4f} "
         f"(majority class {summary['majority_class_accuracy']:.4f})",
+        _int8_line(summary),
         f"rank budget: {summary['budget']} triplets kept of {summary['budget_initial']} "
         f"(init_r {summary['init_r']} -> target_r {summary['target_r']} x {summary['modules']} modules)",
         f"adapter params: {before:,} before pruning -> {after:,} after ({100 * after / before:.1f}%)",
@@ -317,6 +355,15 @@ def format_summary(summary: dict) -> str:
         cells = " | ".join(f"{k} {_ms(row[k])}" for k in VARIANT_KEYS)
         lines.append(f"  batch {row['batch_size']:>3}, seq {row['seq_len']}: {cells}")
     return "\n".join(lines)
+
+
+def _int8_line(summary: dict) -> str:
+    int8 = summary["int8"]
+    if "refused" in int8:
+        return f"int8 merged: not exported ({int8['refused']})"
+    return (f"int8 merged (CPU): accuracy {summary['accuracy']['onnx_merged_int8']:.4f}, drop "
+            f"{int8['accuracy_drop_points']:+.2f} points, agreement with fp32 {int8['agreement']:.4f}, "
+            f"model.onnx {int8['size_ratio']:.2f} x fp32")
 
 
 def _ms(value: float | None) -> str:
@@ -348,13 +395,15 @@ def demo(**kwargs) -> dict:
             train_stage(cfg, paths)
         with stages.stage("export", "exporting pruned merged and factored ONNX graphs, validated against PyTorch"):
             export_stage(cfg, paths)
+        with stages.stage("int8", "exporting the merged graph in int8 for CPU serving, judged on the held-out split"):
+            int8 = int8_stage(cfg, paths)
         with stages.stage("score", f"scoring the ONNX graphs on the {len(heldout)} held-out examples"):
             onnx_accuracy = score_stage(cfg, paths, heldout)
-        with stages.stage("bench", "timing merged, factored and PyTorch (interleaved)"):
+        with stages.stage("bench", "timing merged, merged int8, factored and PyTorch (interleaved)"):
             bench = bench_stage(cfg, paths)
         with stages.stage("heatmap", "drawing the rank heatmap"):
             heatmap_stage(paths)
-        summary = build_summary(cfg, paths, onnx_accuracy, majority_share(heldout.labels), bench)
+        summary = build_summary(cfg, paths, onnx_accuracy, majority_share(heldout.labels), bench, int8)
         summary["seconds"] = {**stages.seconds, "total": round(time.perf_counter() - start, 2)}
         summary["out"] = str(root)
         summary["config"] = {k: v for k, v in asdict(cfg).items() if k != "progress"}

@@ -186,6 +186,7 @@ def fusion_options(attention_op: str, fusions: FusionSpec):
     options.use_raw_attention_mask(fusions.raw_attention_mask)
     options.enable_skip_layer_norm = fusions.skip_layer_norm
     options.enable_bias_skip_layer_norm = fusions.skip_layer_norm
+    options.enable_bias_gelu = fusions.bias_gelu
     options.use_multi_head_attention = attention_op == "MultiHeadAttention"
     return options
 

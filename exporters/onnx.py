@@ -60,6 +60,7 @@ from .specs import (
     ArchitectureSpec,
     DtypeSpec,
     ExportMode,
+    FusionSpec,
     TaskSpec,
     architecture_spec,
     dtype_spec,
@@ -97,6 +98,10 @@ class ExportRequest:
             raise ExportError(f"--quantize {self.quantize.name} starts from the fp32 graph: drop --dtype fp16")
         if self.quantize is None and (self.eval_data is not None or self.quantize_branches is not None):
             raise ExportError("--eval-data and --quantize-branches apply to quantized exports: add --quantize int8")
+
+    @property
+    def fusions(self) -> FusionSpec:
+        return self.quantize.fusions if self.quantize is not None else FUSIONS
 
     @property
     def branches_in_int8(self) -> bool:
@@ -218,7 +223,8 @@ def export_mode(plan: Plan, mode: ExportMode, out_dir: Path, request: ExportRequ
     fused = None
     if request.optimize:
         with _step(f"{mode.name}: ONNX Runtime transformer fusions"):
-            graph, fused = graphs.optimize(graph, plan.arch, module.config, mode.attention_op, mode.has_branches)
+            graph, fused = graphs.optimize(graph, plan.arch, module.config, mode.attention_op, mode.has_branches,
+                                           request.fusions)
     if request.dtype.residual_sum:
         graphs.residual_adds_as_sum(graph)
     if request.dtype.float16:
@@ -310,7 +316,7 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
             "branch_params": graphs.branch_params(graph) if result.mode.has_branches else 0,
             "fused_ops": result.fused_ops,
             # SkipLayerNormalization is left to ONNX Runtime's session-time fusion (see specs.FusionSpec)
-            "fusion_settings": dataclasses.asdict(FUSIONS) if request.optimize else None,
+            "fusion_settings": dataclasses.asdict(request.fusions) if request.optimize else None,
             "op_counts": graphs.op_counts(result.quantized or graph),
         },
         "validation": _validation_figures(plan, result, report, request.dtype),

@@ -30,6 +30,7 @@ from adalora_deploy.data import (
 
 from .errors import ExportError
 from .graph import EXTERNAL_DATA_BYTES, LABEL_PREFIX
+from .specs import INT8_FUSIONS, FusionSpec
 
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # accuracy points (percent)
 EVAL_BATCH = 32
@@ -49,18 +50,20 @@ class QuantizeSpec:
         per_channel: one weight scale per output channel (ORT supports it for MatMul and QAttention).
         branches_default: quantize the factored graph's low-rank branch MatMuls too, unless asked
             otherwise (--quantize-branches); chosen by measurement (docs/quantization.md).
+        fusions: the transformer fusions applied before quantizing (specs.INT8_FUSIONS: no BiasGelu).
     """
 
     name: str
     op_types: tuple[str, ...]
     per_channel: bool
     branches_default: bool
+    fusions: FusionSpec
 
 
 QUANTIZATIONS = {
     "int8": QuantizeSpec(
         "int8", ("MatMul", "Attention", "EmbedLayerNormalization", "Gather"), per_channel=True,
-        branches_default=True,
+        branches_default=True, fusions=INT8_FUSIONS,
     ),
 }
 
@@ -163,14 +166,15 @@ def eval_set(train: dict | None, eval_data: str | None, id2label: dict[int, str]
 # -- evaluation -------------------------------------------------------------------------------------
 
 
-def predict(runner, tokenizer, evaluation: EvalSet) -> np.ndarray:
-    """Predicted class ids of `runner` (an OrtRunner) on every row, in row order."""
+def predict(runner, tokenizer, evaluation: EvalSet, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Predicted class ids of `runner` (an OrtRunner) on every row, in row order, `batch_size` rows of
+    similar length per call (int8's activation scales depend on what shares a call)."""
     data = evaluation.dataset
     pairs = data.text_pairs or [""] * len(data)
     order = np.argsort([len(t) + len(p) for t, p in zip(data.texts, pairs, strict=True)], kind="stable")
     preds = np.zeros(len(data), dtype=np.int64)
-    for start in range(0, len(order), EVAL_BATCH):
-        rows = order[start:start + EVAL_BATCH]  # similar lengths: little padding per batch
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]  # similar lengths: little padding per batch
         batch = tokenizer(
             [data.texts[i] for i in rows], [data.text_pairs[i] for i in rows] if data.text_pairs else None,
             truncation=True, max_length=evaluation.max_length, padding=True, return_tensors="np",

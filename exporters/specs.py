@@ -102,13 +102,19 @@ class FusionSpec:
             adalora_deploy.runtime's CPU-only sessions turn it off (session.CPU_DISABLED_OPTIMIZERS).
             The attention fusion stays on for every provider: with SkipLayerNormalization out of the CPU
             session, fused Attention is 2-7% faster than the unfused graph (benchmarks/fusion_variants_cpu*.md).
+        bias_gelu: fuse the intermediate bias Add into the GELU (BiasGelu). Off for int8 graphs: there
+            the bias Add stays after the MatMul, ONNX Runtime folds it into DynamicQuantizeMatMul when it
+            loads the graph, and its Gelu kernel is faster than BiasGelu (MiniLM int8, 1 thread: 6% faster
+            overall; benchmarks/int8_cpu_notes.md). fp32 sessions would re-fuse BiasGelu at load anyway.
     """
 
     raw_attention_mask: bool
     skip_layer_norm: bool
+    bias_gelu: bool = True
 
 
 FUSIONS = FusionSpec(raw_attention_mask=True, skip_layer_norm=False)
+INT8_FUSIONS = FusionSpec(raw_attention_mask=True, skip_layer_norm=False, bias_gelu=False)
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,7 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
 def run_bench(
     source: str | os.PathLike, config: BenchConfig | None = None, json_path: str | None = None,
     markdown_path: str | None = None, plot_path: str | None = None, command: str | None = None,
-    export_fn=None, overwrite: bool = False,
+    export_fn=None, overwrite: bool = False, extra_dirs: dict | None = None,
 ) -> dict:
     """Benchmark a checkpoint (exports everything into a temporary directory) or an export directory.
 
@@ -314,6 +314,8 @@ def run_bench(
         command: the command line, recorded in the header.
         export_fn: the exporter (adalora_deploy.exporters.export by default).
         overwrite: replace existing output files; without it they are refused before any work.
+        extra_dirs: more exported model directories to time beside those of `source`, by variant
+            name (e.g. {"merged_int8": ...} for the demo's int8 export).
 
     Returns:
         The results: header, variants, flops, cells, targets.
@@ -328,6 +330,7 @@ def run_bench(
     choose_providers(config.session_config())  # --provider cuda without CUDA: fail before exporting
     with tempfile.TemporaryDirectory(prefix="adalora-bench-") as tmp:
         dirs, checkpoint = locate(source, Path(tmp), config, export_fn)
+        dirs.update(extra_dirs or {})
         variants, model = load_variants(dirs, checkpoint, config)
         vocab = model_config(dirs).get("vocab_size") or (model.model.config.vocab_size if model else None)
         if not vocab:

@@ -48,7 +48,7 @@ def _module_dims(state: dict) -> dict[str, tuple[int, int, int]]:
 def test_demo_writes_everything_under_out(demo_run):
     out, summary = demo_run
     for rel in ("checkpoint/adapter.safetensors", "onnx/merged/model.onnx", "onnx/factored/model.onnx",
-                "bench.json", "bench.md", "latency.png", "ranks.png", SUMMARY_FILE):
+                "onnx-int8/merged/model.onnx", "bench.json", "bench.md", "latency.png", "ranks.png", SUMMARY_FILE):
         assert (out / rel).is_file(), rel
     assert summary["out"] == str(out.absolute())
     assert json.loads((out / SUMMARY_FILE).read_text()) == summary
@@ -87,6 +87,13 @@ def test_accuracy_matches_the_checkpoint_and_the_onnx_graphs(demo_run, small_csv
     assert acc["pytorch"] == pytest.approx(accuracy, abs=0)
     # The exported graphs agree with PyTorch to 1e-4 in the logits, so their labels are the same.
     assert acc["onnx_merged"] == acc["onnx_factored"] == acc["pytorch"]
+    # int8: the Predictor's score (one batch of 8 rows) is the export's own int8 evaluation of the same rows
+    figures = json.loads((out / "onnx-int8" / "merged" / "adalora_manifest.json").read_text())["quantization"]
+    evaluation = figures["evaluation"]
+    assert (evaluation["examples"], evaluation["fp32_accuracy"]) == (len(heldout), acc["onnx_merged"])
+    assert acc["onnx_merged_int8"] == evaluation["int8_accuracy"]
+    assert summary["int8"] == {"agreement": evaluation["agreement"], "size_ratio": figures["size_ratio"],
+                               "accuracy_drop_points": evaluation["accuracy_drop_points"]}
     majority = max(heldout.labels.count(c) for c in set(heldout.labels)) / len(heldout)
     assert summary["majority_class_accuracy"] == majority and summary["heldout_examples"] == len(heldout)
 
@@ -98,8 +105,10 @@ def test_latency_comes_from_the_bench_results(demo_run):
     [cell] = bench["cells"]
     [row] = summary["latency_p50_ms"]
     assert (row["batch_size"], row["seq_len"]) == (cell["batch_size"], cell["seq_len"]) == (1, 16)
-    for key, variant in (("merged", "merged"), ("factored", "factored_pruned"), ("pytorch", "pytorch")):
+    for key, variant in (("merged", "merged"), ("merged_int8", "merged_int8"), ("factored", "factored_pruned"),
+                         ("pytorch", "pytorch")):
         assert row[key] == cell["results"][variant]["p50_ms"] > 0
+    assert summary["bench_providers"]["merged_int8"] == "CPUExecutionProvider"
 
 
 def test_refuses_a_non_empty_out_without_touching_it(tmp_path, capsys):
