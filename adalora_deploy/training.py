@@ -183,7 +183,18 @@ def _prepare(cfg: TrainConfig, train_set) -> tuple[AdaLoraModel, object]:
     tokenizer = load_tokenizer(cfg.model)
     if cfg.task == "causal-lm":
         use_eos_as_pad(tokenizer, model.model.config)
+    if cfg.task == "token-classification" and not _takes_words(tokenizer):
+        # Byte-level BPE (GPT-2, RoBERTa) marks word starts with a space: words need add_prefix_space.
+        tokenizer = load_tokenizer(cfg.model, add_prefix_space=True)
     return model, tokenizer
+
+
+def _takes_words(tokenizer) -> bool:
+    try:
+        tokenizer([["a", "b"]], is_split_into_words=True)
+    except (AssertionError, ValueError):  # GPT-2/RoBERTa tokenizers assert add_prefix_space
+        return False
+    return True
 
 
 def use_eos_as_pad(tokenizer, config) -> None:
@@ -196,12 +207,12 @@ def use_eos_as_pad(tokenizer, config) -> None:
         config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_tokenizer(name_or_path: str | None):
-    """The base model's tokenizer (the packaged MiniLM's for None)."""
+def load_tokenizer(name_or_path: str | None, **kwargs):
+    """The base model's tokenizer (the packaged MiniLM's for None); kwargs go to from_pretrained."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     except OSError as err:
         raise CheckpointError(f"no tokenizer for model {name_or_path!r} ({err}): pass a model directory with tokenizer files") from err
 

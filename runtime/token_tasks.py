@@ -86,10 +86,15 @@ def tag_words(predictor, inputs, batch_size: int) -> list[dict]:
     Called with the predictor's tokenizer lock held.
     """
     parsed = [_words(item) for item in inputs]
-    enc = predictor.tokenizer(
-        [words for words, _, _ in parsed], is_split_into_words=True, truncation=True,
-        max_length=predictor.max_length,
-    )
+    try:
+        enc = predictor.tokenizer(
+            [words for words, _, _ in parsed], is_split_into_words=True, truncation=True,
+            max_length=predictor.max_length,
+        )
+    except (AssertionError, ValueError) as err:  # GPT-2/RoBERTa tokenizers without add_prefix_space
+        raise ConfigError(
+            f"the export's tokenizer cannot take words ({err}): save it with add_prefix_space=True and re-export"
+        ) from err
     encodings = [{k: enc[k][i] for k in enc.keys()} for i in range(len(parsed))]
     records = []
     for i, (outputs, (words, spans, text)) in enumerate(zip(_run(predictor, encodings, batch_size), parsed, strict=True)):

@@ -217,3 +217,53 @@ def test_bad_task_data_is_a_one_line_error(tmp_path, capsys, tiny_bert_dir, task
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and words in err and "\n" not in err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_ner_on_gpt2_with_a_byte_level_tokenizer(tmp_path):
+    """GPT-2's tokenizer refuses words unless add_prefix_space=True: training reloads it so, and the
+    export serves words with it."""
+    from transformers import GPT2TokenizerFast
+
+    from .tiny_decoders import bpe_tokenizer, tiny_decoder
+
+    fast = bpe_tokenizer()
+    tokenizer = GPT2TokenizerFast(tokenizer_object=fast._tokenizer, eos_token=fast.eos_token, bos_token=fast.eos_token)
+    tiny_decoder("gpt2", len(tokenizer), tokenizer.eos_token_id).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    data = write_jsonl(tmp_path / "ner.jsonl", ner_rows())
+    result = train(model=str(tmp_path / "gpt2"), data=data, task="token-classification", steps=4, batch_size=8,
+                   lr=5e-2, init_r=4, target_r=2, tinit=1, tfinal=1, out=str(tmp_path / "ckpt"), progress=False)
+    root = export(tmp_path / "ckpt", tmp_path / "onnx", prune_ranks=True, optimize=False)
+    predictor = Predictor.from_pretrained(root, mode="factored", provider="cpu")
+    assert predictor.tokenizer.add_prefix_space
+    words = "ada lovelace visited rome".split()
+    enc = predictor.tokenizer(words, is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = result.model.eval().model(**enc).logits[0]  # (T, C)
+    first = {w: i for i, w in reversed(list(enumerate(enc.word_ids(0))))}
+    want = [result.model.model.config.id2label[int(logits[first[w]].argmax())] for w in range(len(words))]
+    assert [w["label"] for w in predictor.predict(" ".join(words)).records()[0]["words"]] == want
+    feeds = {k: v.numpy() for k, v in enc.items()}
+    got = predictor.session.run(feeds)["logits"][0]
+    assert np.abs(got - logits.numpy()).max() <= ATOL
+
+
+def test_serve_token_tasks_over_http(ner, qa):
+    from adalora_deploy.runtime.server import ServerConfig, create_app
+
+    from .test_server import free_port, serving
+
+    cases = [
+        (ner, ["ada lovelace visited rome today"]),
+        (qa, [["where does ada live?", "ada lovelace lives in rome and likes tea."]]),
+    ]
+    for (_, root), inputs in cases:
+        predictor = Predictor.from_pretrained(root, provider="cpu")
+        config = ServerConfig(port=free_port())
+        with serving(create_app(predictor, config), config) as client:
+            response = client.post("/v1/predict", json={"inputs": inputs})
+            assert response.status_code == 200
+            want = predictor.predict([tuple(i) if isinstance(i, list) else i for i in inputs]).records()
+            assert response.json()["predictions"] == json.loads(json.dumps(want))
+            refused = client.post("/v1/generate", json={"inputs": "hi"})
+            assert refused.status_code == 422 and "/v1/predict" in refused.json()["error"]
