@@ -177,19 +177,18 @@ def question_answering_rows(rows: list[dict], where: str, id2label=None) -> RowD
 
 
 def causal_lm_rows(rows: list[dict], where: str, id2label=None) -> RowDataset:
-    """Check `text` rows (loss on every token) or `prompt` + `completion` rows (loss on the completion)."""
+    """Check each row: `text` (loss on every token) or `prompt` + `completion` (loss on the completion)."""
     hint = "give a text column (loss on every token) or prompt and completion columns (loss on the completion only)"
     if not rows:
         raise DataError(f"{where} has no rows: pass a file with at least one example")
-    pair = all("prompt" in row and "completion" in row for row in rows)
-    if not pair and not all("text" in row for row in rows):
-        raise DataError(f"{where}: every row needs text, or prompt and completion; {hint}")
-    keys = ("prompt", "completion") if pair else ("text",)
+    checked = []
     for i, row in enumerate(rows, 1):
+        keys = ("prompt", "completion") if "prompt" in row or "completion" in row else ("text",)
         bad = [k for k in keys if not isinstance(row.get(k), str) or (k != "prompt" and not row[k])]
         if bad:
             raise DataError(f"{where}: row {i} column {bad[0]!r} is not a non-empty string; {hint}")
-    return RowDataset("causal-lm", [{k: row[k] for k in keys} for row in rows], where)
+        checked.append({k: row[k] for k in keys})
+    return RowDataset("causal-lm", checked, where)
 
 
 READERS = {

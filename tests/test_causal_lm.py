@@ -219,8 +219,9 @@ def test_cli_train_refusals_are_one_line(tmp_path, capsys, argv, words):
 
 def test_causal_lm_rows_need_text_or_prompt_completion(tmp_path, capsys):
     base = save_tiny_decoder(tmp_path / "base", "llama")
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}] * 4)
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}] * 4)  # no completion
     assert main(["train", "--task", "causal-lm", "--model", str(base), "--data", str(data), "--steps", "2",
                  "--out", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "prompt and completion" in err and not (tmp_path / "ckpt").exists()
+    assert err.startswith("error:") and "'completion' is not a non-empty string" in err
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,71 @@
+"""Labels of the token-level tasks, checked position by position against hand-made expectations."""
+
+from __future__ import annotations
+
+import pytest
+
+from adalora_deploy.errors import DataError
+from adalora_deploy.task_data import (
+    IGNORE_INDEX,
+    causal_lm_rows,
+    load_task_splits,
+    question_answering_rows,
+    token_classification_rows,
+)
+
+from .conftest import minilm_tokenizer
+from .test_data import write_csv, write_jsonl
+from .tiny_decoders import bpe_tokenizer
+
+
+def test_tag_goes_on_the_first_subtoken_only():
+    tok = minilm_tokenizer()
+    rows = token_classification_rows([{"tokens": ["ada", "lovelace", "wrote"], "tags": ["B-PER", "I-PER", "O"]}], "t")
+    assert rows.id2label == {0: "B-PER", 1: "I-PER", 2: "O"}
+    enc = rows.encode(tok, max_length=32)
+    pieces = tok.convert_ids_to_tokens(enc.input_ids[0])
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]" and len(pieces) > 5  # a word was split
+    want, previous = [], None
+    for word in tok(["ada", "lovelace", "wrote"], is_split_into_words=True).word_ids():
+        want.append([0, 1, 2][word] if word is not None and word != previous else IGNORE_INDEX)
+        previous = word
+    assert enc.labels[0] == want
+    assert sum(label != IGNORE_INDEX for label in enc.labels[0]) == 3  # one label per word
+
+
+def test_csv_tokens_and_tags_are_space_separated(tmp_path):
+    path = write_csv(tmp_path / "ner.csv", [("ada went", "B-PER O"), ("rome", "B-LOC")] * 5, header=("tokens", "tags"))
+    train, held = load_task_splits("token-classification", path)
+    assert len(train) == 9 and len(held) == 1
+    assert train.rows[0]["tokens"] == ["ada", "went"] and train.id2label == {0: "B-LOC", 1: "B-PER", 2: "O"}
+
+
+def test_completion_only_loss_masks_the_prompt():
+    tok = bpe_tokenizer()
+    rows = causal_lm_rows([{"prompt": "the quick", "completion": " brown fox"}, {"text": "red green"}], "c")
+    enc = rows.encode(tok, max_length=64)
+    prompt, completion = tok("the quick")["input_ids"], tok(" brown fox", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    assert enc.input_ids[0] == prompt + completion + [eos]
+    assert enc.labels[0] == [IGNORE_INDEX] * len(prompt) + completion + [eos]
+    text = tok("red green")["input_ids"]
+    assert enc.input_ids[1] == text + [eos] and enc.labels[1] == text + [eos]
+    batch = enc.collate([0, 1])
+    short = len(enc.input_ids[1])
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all() and (batch["attention_mask"][1, short:] == 0).all()
+
+
+def test_squad_nested_answers_are_accepted():
+    rows = question_answering_rows(
+        [{"question": "who?", "context": "ada wrote", "answers": {"text": ["ada"], "answer_start": [0]}}], "q")
+    assert rows.rows[0]["answer_text"] == "ada" and rows.rows[0]["answer_start"] == 0
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([{"prompt": "a", "completion": ""}], "'completion' is not a non-empty string"),
+    ([{"tokens": "a b", "tags": "O"}], "2 tokens and 1 tags"),
+])
+def test_bad_rows_name_the_row(tmp_path, rows, words):
+    reader = causal_lm_rows if "prompt" in rows[0] else token_classification_rows
+    with pytest.raises(DataError, match=words):
+        reader(rows, str(write_jsonl(tmp_path / "x.jsonl", rows)))
