@@ -225,3 +225,21 @@ def test_causal_lm_rows_need_text_or_prompt_completion(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "'completion' is not a non-empty string" in err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_rows_stop_at_eos_like_transformers(trained):
+    """Take a token greedy decoding produces mid-way in row 0 as EOS: that row must stop there while
+    the others go on, and the tokens must equal transformers' generate(eos_token_id=...)."""
+    from adalora_deploy.runtime.generate import GenerationConfig, Generator
+
+    model, root = trained
+    predictor = Predictor.from_pretrained(root, provider="cpu")
+    free = predictor.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    eos = free[0]["token_ids"][4]
+    generator = Generator(predictor.session, {eos}, predictor.generator.pad_id)
+    ids = [predictor.tokenizer(p)["input_ids"] for p in PROMPTS]
+    got = generator.generate(ids, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    assert got[0]["finish_reason"] == "eos" and got[0]["token_ids"][-1] == eos and len(got[0]["token_ids"]) <= 5
+    want = _reference_generate(model.model, predictor.tokenizer, PROMPTS, eos_token_id=eos)
+    for g, w in zip(got, want, strict=True):
+        assert g["token_ids"] == (w[: w.index(eos) + 1] if eos in w else w)
