@@ -25,7 +25,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
     "sequence-classification": ["classifier", "score"],
     "feature-extraction": [],
-    "token-classification": ["classifier"],
+    "token-classification": ["classifier", "score"],  # score: Llama-style heads
     "question-answering": ["qa_outputs"],
     "causal-lm": [],  # the LM head is part of the base weights (often tied to the embeddings)
 }
