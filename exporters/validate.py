@@ -169,6 +169,7 @@ class ValidationReport:
 
     checks: dict[str, Check] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    inputs: int = 0  # validation input batches (a decoder has a prefill and a decode one per case)
 
     def check(self, key: str, name: str, atol: float) -> Check:
         self.checks[key] = Check(name, atol)

@@ -98,6 +98,7 @@ def test_manifest_records_prefill_and_decode_parity(trained):
     assert manifest["task"] == "causal-lm"
     cases = manifest["validation"]["parity"]["onnx_vs_pytorch"]["cases"]
     assert {c["padding"] for c in cases} == {"left", "left, last 3 tokens after a past"}
+    assert manifest["validation"]["cases"] == len(cases) == 8  # 4 cases x (prefill, decode)
     assert all(c["max_abs_diff"] <= ATOL for c in cases)
 
 
@@ -243,3 +244,20 @@ def test_rows_stop_at_eos_like_transformers(trained):
     want = _reference_generate(model.model, predictor.tokenizer, PROMPTS, eos_token_id=eos)
     for g, w in zip(got, want, strict=True):
         assert g["token_ids"] == (w[: w.index(eos) + 1] if eos in w else w)
+
+
+@pytest.mark.gpu
+def test_cuda_session_generates_from_the_same_cache_graph(trained):
+    """On a GPU: the CUDA provider's prefill logits agree with the CPU's (TF32 matmuls: loose atol) and
+    generation runs through the cache on the device."""
+    from adalora_deploy.runtime.generate import left_pad, position_ids
+
+    _, root = trained
+    cpu, gpu = (Predictor.from_pretrained(root, mode="factored", provider=p) for p in ("cpu", "cuda"))
+    assert gpu.session.on_cuda
+    ids, mask = left_pad([cpu.tokenizer(p)["input_ids"] for p in PROMPTS], cpu.generator.pad_id)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
+             **cpu.generator._empty_past(len(PROMPTS))}
+    real = mask.astype(bool)
+    assert np.abs(gpu.session.run(feeds)["logits"][real] - cpu.session.run(feeds)["logits"][real]).max() <= 1e-2
+    assert all(len(g["token_ids"]) >= 1 for g in gpu.generate(PROMPTS, max_new_tokens=NEW_TOKENS))
