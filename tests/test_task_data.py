@@ -69,3 +69,22 @@ def test_bad_rows_name_the_row(tmp_path, rows, words):
     reader = causal_lm_rows if "prompt" in rows[0] else token_classification_rows
     with pytest.raises(DataError, match=words):
         reader(rows, str(write_jsonl(tmp_path / "x.jsonl", rows)))
+
+
+def test_top_p_and_temperature_sampling_follow_their_definitions():
+    import numpy as np
+
+    from adalora_deploy.runtime.generate import GenerationConfig, sample
+
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs)[None].repeat(4000, axis=0)  # (N, V): 4000 independent draws
+    rng = np.random.default_rng(0)
+    drawn = sample(logits, GenerationConfig(do_sample=True, top_p=0.75), rng)
+    assert set(drawn) == {0, 1}  # the smallest set of most likely tokens with mass >= 0.75
+    assert abs((drawn == 0).mean() - 0.5 / 0.8) < 0.03  # renormalised inside the nucleus
+    drawn = sample(logits, GenerationConfig(do_sample=True, top_p=0.9), rng)
+    assert set(drawn) == {0, 1, 2}
+    hot = sample(logits, GenerationConfig(do_sample=True, temperature=2.0), rng)
+    want = probs ** 0.5 / (probs ** 0.5).sum()  # softmax(log p / 2)
+    assert np.abs(np.bincount(hot, minlength=4) / len(hot) - want).max() < 0.03
+    assert (sample(logits[:3], GenerationConfig(), rng) == 0).all()  # greedy
