@@ -117,8 +117,9 @@ class Plan:
     model: nn.Module  # transformers model with SVDLinear adapters
     pruned: PrunedAdapter | None
     opset: int
-    arch: ArchitectureSpec | None
+    arch: ArchitectureSpec | None  # None: no fusion pass
     tokenizer: object
+    fusion_skipped: str | None = None  # why fusion was skipped although --optimize asked for it
 
     def branch_names(self) -> dict[str, str]:
         """Module path in the exported module -> checkpoint module path, for adapters of rank >= 1."""
@@ -193,9 +194,17 @@ def make_plan(source: Source, request: ExportRequest) -> Plan:
         )
     pruned = prune(source.model.adapter_state_dict()) if request.prune_ranks else None
     model = pruned_model(source.model.model, pruned).eval() if pruned else source.model.model
-    arch = architecture_spec(model.config.model_type) if request.optimize else None
+    arch, skipped = None, None
+    if request.optimize and task.with_past:
+        # The offline fusions are declared for encoders; a decoder with past key values keeps its graph
+        # and leaves fusing to ONNX Runtime's session-time optimizer.
+        skipped = f"ONNX Runtime's offline transformer fusions do not apply to {task.name} (a decoder with past key values)"
+        log.info("fusion skipped: %s", skipped)
+    elif request.optimize:
+        arch = architecture_spec(model.config.model_type)
     opset = request.opset or _default_opset(task.module(model), task)
-    return Plan(source, task, model, pruned, opset, arch, AutoTokenizer.from_pretrained(source.tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    return Plan(source, task, model, pruned, opset, arch, tokenizer, skipped)
 
 
 def _optimum_export(module: nn.Module, out_dir: Path, plan: Plan) -> None:
@@ -221,7 +230,7 @@ def export_mode(plan: Plan, mode: ExportMode, out_dir: Path, request: ExportRequ
     if mode.has_branches:
         graphs.label_branches(graph, plan.branch_names())
     fused = None
-    if request.optimize:
+    if plan.arch is not None:
         with _step(f"{mode.name}: ONNX Runtime transformer fusions"):
             graph, fused = graphs.optimize(graph, plan.arch, module.config, mode.attention_op, mode.has_branches,
                                            request.fusions)
@@ -302,8 +311,9 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
     source, model = plan.source, plan.source.model
     graph = result.graph
     return {
-        **manifest_header(result.mode.name, plan.task.name, request.dtype.name, plan.opset, request.optimize,
+        **manifest_header(result.mode.name, plan.task.name, request.dtype.name, plan.opset, plan.arch is not None,
                           plan.pruned is not None),
+        "fusion_skipped": plan.fusion_skipped,
         "source": {"kind": source.kind, "path": str(source.path), **source_hash(source.files)},
         "base_model": model.base_model,
         "architecture": type(plan.task.module(model.model)).__name__,
@@ -317,7 +327,7 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
             "branch_params": graphs.branch_params(graph) if result.mode.has_branches else 0,
             "fused_ops": result.fused_ops,
             # SkipLayerNormalization is left to ONNX Runtime's session-time fusion (see specs.FusionSpec)
-            "fusion_settings": dataclasses.asdict(request.fusions) if request.optimize else None,
+            "fusion_settings": dataclasses.asdict(request.fusions) if plan.arch is not None else None,
             "op_counts": graphs.op_counts(result.quantized or graph),
         },
         "validation": _validation_figures(plan, result, report, request.dtype),

@@ -32,7 +32,7 @@ def _train_and_export(tmp: Path, model_type: str, rows: list[dict]):
     # A high learning rate moves lam far enough from 0 that the adapters change every output.
     result = train(model=str(base), data=str(data), task="causal-lm", steps=6, batch_size=4, lr=5e-2,
                    init_r=4, target_r=2, tinit=1, tfinal=2, out=str(tmp / "ckpt"), progress=False)
-    root = export(tmp / "ckpt", tmp / "onnx", prune_ranks=True, optimize=False)
+    root = export(tmp / "ckpt", tmp / "onnx", prune_ranks=True)
     return result, root
 
 
@@ -203,8 +203,9 @@ def test_cli_train_and_export_causal_lm(tmp_path, capsys):
     assert main(["train", "--task", "causal-lm", "--model", str(base), "--data", str(data), "--steps", "4",
                  "--batch-size", "4", "--init-r", "4", "--target-r", "2", "--out", str(tmp_path / "ckpt")]) == 0
     assert json.loads((tmp_path / "ckpt" / "adalora_config.json").read_text())["task"] == "causal-lm"
-    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "onnx"), "--prune-ranks",
-                 "--no-optimize"]) == 0
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "onnx"), "--prune-ranks"]) == 0
+    manifest = json.loads((tmp_path / "onnx" / "merged" / "adalora_manifest.json").read_text())
+    assert manifest["optimized"] is False and "decoder with past key values" in manifest["fusion_skipped"]
     assert Predictor.from_pretrained(tmp_path / "onnx", provider="cpu").generate("red", max_new_tokens=3)
 
 

@@ -89,7 +89,7 @@ def test_causal_lm_adapter_exports_and_generates_like_peft(tmp_path):
     base = save_tiny_decoder(tmp_path / "llama", "llama")
     adapter = _train_peft("CAUSAL_LM", base, ["q_proj", "v_proj", "down_proj"], 300, tmp_path / "a")
     peft_model = _peft_model("CAUSAL_LM", base, adapter)
-    out = export(adapter, tmp_path / "onnx", prune_ranks=True, optimize=False)
+    out = export(adapter, tmp_path / "onnx", prune_ranks=True)
     prompts = ["the quick brown fox", "red"]
     for mode in ("merged", "factored"):
         predictor = Predictor.from_pretrained(out, mode=mode, provider="cpu")
