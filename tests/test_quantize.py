@@ -109,3 +109,37 @@ def test_int8_flags_need_quantize_and_fp32(tmp_path, tiny_checkpoint, tiny_eval_
         export(tiny_checkpoint, tmp_path / "a", quantize="int8", dtype="fp16", eval_data=str(tiny_eval_csv))
     with pytest.raises(ExportError, match="add --quantize int8"):
         export(tiny_checkpoint, tmp_path / "b", eval_data=str(tiny_eval_csv))
+
+
+def test_serve_runs_an_int8_export_without_extra_flags(int8_root):
+    """`adalora-deploy serve` on the int8 export root, provider left at auto: CPU, same labels as the Predictor."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "adalora_deploy", "serve", str(int8_root), "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            try:
+                health = httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert health.json()["provider"] == "CPUExecutionProvider"
+        got = httpx.post(f"{url}/v1/predict", json={"inputs": TEXTS[:3]}, timeout=30).json()["predictions"]
+        want = Predictor.from_pretrained(int8_root / "merged").predict(TEXTS[:3]).labels
+        assert [g["label"] for g in got] == want
+        assert httpx.get(f"{url}/metadata", timeout=5).json()["quantization"]["scheme"] == "int8"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
