@@ -300,6 +300,21 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
     return dirs, source_checkpoint(dirs)
 
 
+def refuse_generation(source: Path) -> None:
+    """bench times single forward passes; a causal LM is measured by tokens/s in
+    benchmarks/generate_bench.py instead. Refused before any work."""
+    from adalora_deploy.io import read_json
+
+    for meta in ("adalora_config.json", "adalora_manifest.json", "merged/adalora_manifest.json",
+                 "factored/adalora_manifest.json"):
+        path = source / meta
+        if path.is_file() and read_json(path, "config").get("task") == "causal-lm":
+            raise ConfigError(
+                f"{source} is a causal LM: bench times single forward passes; measure generation with "
+                "benchmarks/generate_bench.py (tokens/s, KV cache vs recompute)"
+            )
+
+
 def run_bench(
     source: str | os.PathLike, config: BenchConfig | None = None, json_path: str | None = None,
     markdown_path: str | None = None, plot_path: str | None = None, command: str | None = None,
@@ -327,6 +342,7 @@ def run_bench(
     config = config or BenchConfig()
     source = Path(source)
     check_output_files([json_path, markdown_path, plot_path], overwrite)
+    refuse_generation(source)
     choose_providers(config.session_config())  # --provider cuda without CUDA: fail before exporting
     with tempfile.TemporaryDirectory(prefix="adalora-bench-") as tmp:
         dirs, checkpoint = locate(source, Path(tmp), config, export_fn)

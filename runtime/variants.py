@@ -44,7 +44,10 @@ DESCRIPTIONS = {
 }
 # bench's int8 exports are for timing: the accuracy gate is left open, its figures are reported instead
 BENCH_MAX_ACCURACY_DROP = 100.0
-OPTIMUM_TASKS = {"sequence-classification": "text-classification", "feature-extraction": "feature-extraction"}
+OPTIMUM_TASKS = {
+    "sequence-classification": "text-classification", "feature-extraction": "feature-extraction",
+    "token-classification": "token-classification", "question-answering": "question-answering",
+}
 
 ExportFn = Callable[..., Path]
 

@@ -262,3 +262,12 @@ def test_cuda_session_generates_from_the_same_cache_graph(trained):
     real = mask.astype(bool)
     assert np.abs(gpu.session.run(feeds)["logits"][real] - cpu.session.run(feeds)["logits"][real]).max() <= 1e-2
     assert all(len(g["token_ids"]) >= 1 for g in gpu.generate(PROMPTS, max_new_tokens=NEW_TOKENS))
+
+
+def test_bench_refuses_a_causal_lm_in_one_line(trained, tmp_path, capsys):
+    _, root = trained
+    for source in (root, root.parent / "ckpt"):
+        assert main(["bench", str(source), "--json", str(tmp_path / "b.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "generate_bench.py" in err and "\n" not in err
+    assert not (tmp_path / "b.json").exists()
