@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adalora_deploy.errors import DataError
@@ -88,3 +90,20 @@ def test_top_p_and_temperature_sampling_follow_their_definitions():
     want = probs ** 0.5 / (probs ** 0.5).sum()  # softmax(log p / 2)
     assert np.abs(np.bincount(hot, minlength=4) / len(hot) - want).max() < 0.03
     assert (sample(logits[:3], GenerationConfig(), rng) == 0).all()  # greedy
+
+
+def test_cli_trains_token_classification_and_qa_from_csv(tmp_path, capsys, tiny_bert_dir):
+    from adalora_deploy.cli import main
+
+    ner = write_csv(tmp_path / "ner.csv", [("ada lovelace visited rome", "B-PER I-PER O B-LOC")] * 12,
+                    header=("tokens", "tags"))
+    context = "ada lovelace lives in rome."
+    qa = write_csv(tmp_path / "qa.csv", [("where does ada live?", context, "rome", str(context.index("rome")))] * 12,
+                   header=("question", "context", "answer_text", "answer_start"))
+    for task, data, what in (("token-classification", ner, "token accuracy"),
+                             ("question-answering", qa, "exact span accuracy")):
+        out = tmp_path / task
+        assert main(["train", "--task", task, "--model", str(tiny_bert_dir), "--data", data, "--steps", "3",
+                     "--batch-size", "4", "--init-r", "4", "--target-r", "2", "--out", str(out)]) == 0
+        assert f"eval {what}:" in capsys.readouterr().out
+        assert json.loads((out / "adalora_config.json").read_text())["task"] == task
