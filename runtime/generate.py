@@ -92,10 +92,15 @@ class Generator:
             run(feeds) and an onnxruntime `session` for the input shapes).
         eos_ids: token ids that end a row.
         pad_id: the id fed for padding and for finished rows.
+        bind: run steps through an IOBinding that keeps `present.*` where the session runs; None:
+            only on CUDA.
     """
 
-    def __init__(self, session, eos_ids: set[int], pad_id: int):
+    def __init__(self, session, eos_ids: set[int], pad_id: int, bind: bool | None = None):
         self.session = session
+        # On CUDA the cache stays on the device between steps (IOBinding). On CPU plain runs are faster
+        # (tiny Llama, batch 1: 4,870 against 3,920 tokens/s bound), so binding is the CUDA default only.
+        self.bind = getattr(session, "on_cuda", False) if bind is None else bind
         self.eos_ids = set(eos_ids)
         self.pad_id = pad_id
         self.past_names = [n for n in session.input_names if n.startswith(PAST_PREFIX)]
@@ -112,10 +117,41 @@ class Generator:
         return {n: np.zeros((batch, h, 0, d), dtype=self.past_dtype) for n, (h, d) in self.past_dims.items()}
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
+        """One step; (last-position logits (B, V), {past input name: array or OrtValue})."""
+        if self.bind:
+            return self._run_bound(ids, mask, past)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)[:, -ids.shape[1]:], **past}
         outputs = self.session.run(feeds)
         present = {PAST_PREFIX + n[len(PRESENT_PREFIX):]: v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
         return outputs["logits"][:, -1], present  # (B, V)
+
+    def _run_bound(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
+        """One step through an IOBinding: the `present.*` outputs stay where the session runs (on the GPU
+        under CUDA) as OrtValues and are bound as the next step's past without a round trip through
+        numpy; only the logits come back to the host, for sampling.
+
+        Returns:
+            (last-position logits (B, V), {past input name: OrtValue}).
+        """
+        sess = self.session.session
+        binding = sess.io_binding()
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)[:, -ids.shape[1]:]}
+        for name in self.session.input_names:
+            value = feeds.get(name, past.get(name))
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        device = "cuda" if getattr(self.session, "on_cuda", False) else "cpu"
+        for name in self.session.output_names:
+            if name.startswith(PRESENT_PREFIX):
+                binding.bind_output(name, device, self.session.config.device_id if device == "cuda" else 0)
+            else:
+                binding.bind_output(name, "cpu")
+        sess.run_with_iobinding(binding)
+        outputs = dict(zip(self.session.output_names, binding.get_outputs(), strict=True))
+        present = {PAST_PREFIX + n[len(PRESENT_PREFIX):]: v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
+        return outputs["logits"].numpy()[:, -1], present  # (B, V)
 
     def stream(self, prompts: list[list[int]], config: GenerationConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (tokens (B,), finished (B,)) once per generated position; finished rows get pad_id.

@@ -271,3 +271,19 @@ def test_bench_refuses_a_causal_lm_in_one_line(trained, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "generate_bench.py" in err and "\n" not in err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bound_cache_path_generates_the_same_tokens(trained):
+    """The IOBinding path (the CUDA default, which keeps the cache on the device) run on CPU: the same
+    greedy tokens as the plain path, with and without EOS handling."""
+    from adalora_deploy.runtime.generate import GenerationConfig, Generator
+
+    _, root = trained
+    predictor = Predictor.from_pretrained(root, mode="factored", provider="cpu")
+    ids = [predictor.tokenizer(p)["input_ids"] for p in PROMPTS]
+    plain, bound = (Generator(predictor.session, predictor.generator.eos_ids, predictor.generator.pad_id, bind=b)
+                    for b in (False, True))
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS)
+    assert bound.generate(ids, config) == plain.generate(ids, config)
+    sampled = GenerationConfig(max_new_tokens=8, do_sample=True, seed=2)
+    assert bound.generate(ids, sampled) == plain.generate(ids, sampled)
