@@ -180,6 +180,8 @@ def test_http_stream_is_ndjson_token_by_token(lm_server):
     ({"inputs": []}, 422, "inputs"),
     ({"inputs": ["a"] * 5}, 413, "at most 4"),
     ({"inputs": "hi", "max_new_tokens": 1000}, 422, "positions"),
+    ({"inputs": "hi", "max_new_tokens": 1000, "stream": True}, 422, "positions"),  # before the stream starts
+    ({"inputs": "hi", "stream": "yes"}, 422, "stream"),
 ])
 def test_http_generate_refusals(lm_server, body, status, words):
     client, _ = lm_server
@@ -287,3 +289,15 @@ def test_bound_cache_path_generates_the_same_tokens(trained):
     assert bound.generate(ids, config) == plain.generate(ids, config)
     sampled = GenerationConfig(max_new_tokens=8, do_sample=True, seed=2)
     assert bound.generate(ids, sampled) == plain.generate(ids, sampled)
+
+
+def test_http_concurrent_generations_each_get_their_own_answer(lm_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, predictor = lm_server
+    bodies = [{"inputs": p, "max_new_tokens": 6 + i} for i, p in enumerate(PROMPTS)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: client.post("/v1/generate", json=b), bodies))
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200
+        assert response.json()["generations"] == predictor.generate(body["inputs"], max_new_tokens=body["max_new_tokens"])
