@@ -5,6 +5,7 @@ generate token for token like transformers, load in Optimum and a pipeline, serv
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,28 @@ def test_http_concurrent_generations_each_get_their_own_answer(lm_server):
     for body, response in zip(bodies, responses, strict=True):
         assert response.status_code == 200
         assert response.json()["generations"] == predictor.generate(body["inputs"], max_new_tokens=body["max_new_tokens"])
+
+
+def test_http_stream_stops_generating_when_the_client_goes_away(trained):
+    """A slowed-down real predictor: after the client reads one line and disconnects, the producer
+    stops within a few tokens instead of running to max_new_tokens."""
+    model, root = trained
+    if model.model.config.model_type != "llama":
+        pytest.skip("one decoder is enough for the server's cancellation")
+    predictor = Predictor.from_pretrained(root, provider="cpu")
+    produced = []
+    real_stream = predictor.stream
+
+    def slow_stream(*args, **kwargs):
+        for event in real_stream(*args, **kwargs):
+            produced.append(event)
+            time.sleep(0.02)  # 80 tokens: 1.6 s if nothing stops the producer
+            yield event
+
+    predictor.stream = slow_stream
+    config = ServerConfig(port=free_port())
+    with serving(create_app(predictor, config), config) as client:
+        with client.stream("POST", "/v1/generate", json={"inputs": "red", "max_new_tokens": 80, "stream": True}) as r:
+            assert json.loads(next(r.iter_lines()))["index"] == 0
+        time.sleep(2.5)
+        assert len(produced) < 40, len(produced)
