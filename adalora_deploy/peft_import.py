@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 from .config import AdaLoraConfig
+from .constants import LABELLED_TASKS, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from .errors import CheckpointError
 from .io import load_safetensors, read_json
 
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 RANKNUM_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5)
 PEFT_TASKS = {
@@ -36,7 +35,6 @@ PEFT_TASKS = {
 }
 # Tasks whose head is newly initialised on the base model, so PEFT must have saved it (modules_to_save).
 HEADED_TASKS = ("sequence-classification", "token-classification", "question-answering")
-LABELLED_TASKS = ("sequence-classification", "token-classification")
 PEFT_TO_TRIPLET = {"lora_A": "Q", "lora_E": "lam", "lora_B": "P"}
 
 

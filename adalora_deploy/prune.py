@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .constants import TRIPLET_KEYS
 from .errors import CheckpointError
 from .layers import SVDLinear, replace_module, svd_modules
-
-TRIPLET_KEYS = ("P", "lam", "Q", "mask")
 
 
 @dataclass(frozen=True)

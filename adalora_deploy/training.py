@@ -19,14 +19,20 @@ from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
+from .constants import (
+    CAUSAL_LM,
+    LABELLED_TASKS,
+    QUESTION_ANSWERING,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
 from .data import ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_splits
 from .errors import CheckpointError, ConfigError
 from .io import check_output_dir
 from .model import AdaLoraModel, prepare_model, resolve_model_path
 from .task_data import READERS, correct_and_total, load_task_splits
 
-TRAIN_TASKS = ("sequence-classification", "token-classification", "question-answering", "causal-lm")
-LABELLED_TASKS = ("sequence-classification", "token-classification")  # id2label comes from the data
+TRAIN_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, CAUSAL_LM)
 MAX_GRAD_NORM = 1.0
 WARMUP_FRACTION = 0.06  # linear learning-rate warm-up, then linear decay to 0
 EVAL_BATCH_SIZE = 128
@@ -180,12 +186,12 @@ def _prepare(cfg: TrainConfig, train_set) -> tuple[AdaLoraModel, object]:
     if cfg.task in LABELLED_TASKS:
         labels = {"num_labels": train_set.num_labels, "id2label": train_set.id2label, "label2id": train_set.label2id}
     model = prepare_model(cfg.model, cfg.adalora_config(), cfg.task, **labels)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_base_tokenizer(cfg.model)
     if cfg.task == "causal-lm":
         use_eos_as_pad(tokenizer, model.model.config)
     if cfg.task == "token-classification" and not _takes_words(tokenizer):
         # Byte-level BPE (GPT-2, RoBERTa) marks word starts with a space: words need add_prefix_space.
-        tokenizer = load_tokenizer(cfg.model, add_prefix_space=True)
+        tokenizer = load_base_tokenizer(cfg.model, add_prefix_space=True)
     return model, tokenizer
 
 
@@ -207,7 +213,7 @@ def use_eos_as_pad(tokenizer, config) -> None:
         config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_tokenizer(name_or_path: str | None, **kwargs):
+def load_base_tokenizer(name_or_path: str | None, **kwargs):
     """The base model's tokenizer (the packaged MiniLM's for None); kwargs go to from_pretrained."""
     from transformers import AutoTokenizer
 
@@ -215,6 +221,9 @@ def load_tokenizer(name_or_path: str | None, **kwargs):
         return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     except OSError as err:
         raise CheckpointError(f"no tokenizer for model {name_or_path!r} ({err}): pass a model directory with tokenizer files") from err
+
+
+load_tokenizer = load_base_tokenizer  # the name earlier releases documented; kept for their users
 
 
 def _init_distributed() -> tuple[int, int, bool]:

@@ -2,7 +2,7 @@
 benchmarks/latency_cpu_notes.md, not part of the product.
 
 From a checkpoint: Optimum's plain export of the merged model, then ORT's transformer optimizer
-on it with some fusions switched off, all timed interleaved (runtime.bench.time_cell) against the
+on it with some fusions switched off, all timed interleaved (bench.run.time_cell) against the
 plain graph, plus ORT's per-operator profile of the plain and fused graphs. Every session is opened
 by runtime.session.open_session, so all variants get the same session options (on CPU: ORT's
 session-time SkipLayerNormFusion off).
@@ -31,9 +31,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from adalora_deploy.runtime.bench import BenchConfig, make_feeds, summarize, time_cell
+from adalora_deploy.bench.run import BenchConfig, make_feeds, summarize, time_cell
+from adalora_deploy.bench.variants import Variant, optimum_plain_export
 from adalora_deploy.runtime.session import CPU_DISABLED_OPTIMIZERS, SessionConfig, open_session
-from adalora_deploy.runtime.variants import Variant, optimum_plain_export
 
 NO_SKIP = {"enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False}
 # Fusion option overrides per variant; every variant uses the raw 2-D attention mask, as our exporter does.

@@ -6,7 +6,7 @@ with the residual Sums written back as Add (the export's form before this change
 AVX512-VNNI dynamic config, per-channel). Then:
 
 1. latency through Optimum's ORTModelForSequenceClassification with ONNX Runtime's default session
-   options (only the thread count set, to 1), all variants interleaved (runtime.bench.time_cell);
+   options (only the thread count set, to 1), all variants interleaved (bench.run.time_cell);
 2. ORT's per-operator profile (kernel time by op type, ms per run and share) of the int8 graphs;
 3. accuracy on the checkpoint's held-out split: fp32, our int8, Optimum's int8, each against the
    labels and against fp32's predictions, at evaluation batch 32 (as the export measures) and 1.
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from adalora_deploy.bench.run import BenchConfig, make_feeds, summarize, time_cell
+from adalora_deploy.bench.variants import Variant, optimum_int8_export, optimum_plain_export
 from adalora_deploy.exporters import export
 from adalora_deploy.exporters.quantize import EVAL_BATCH, accuracy_figures, eval_set, predict
 from adalora_deploy.exporters.validate import OrtRunner
 from adalora_deploy.model import read_checkpoint_config
-from adalora_deploy.runtime.bench import BenchConfig, make_feeds, summarize, time_cell
-from adalora_deploy.runtime.variants import Variant, optimum_int8_export, optimum_plain_export
 
 CELLS = ((1, 128), (32, 128))
 PROFILED = ("merged", "merged_int8", "optimum_int8", "factored_int8")

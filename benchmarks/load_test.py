@@ -159,7 +159,7 @@ def render_markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adalora_deploy.runtime.bench import device_name
+    from adalora_deploy.bench.run import device_name
 
     args = parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]

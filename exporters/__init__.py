@@ -5,6 +5,6 @@
 """
 
 from .errors import ExportError, ExportValidationError
-from .onnx import export
+from .onnx_export import export
 
 __all__ = ["ExportError", "ExportValidationError", "export"]

@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from adalora_deploy.constants import PAST_PREFIX
+
 from .validate import CASES, InputCase, Probe, make_inputs
 
-PAST_PREFIX = "past_key_values."
 NEW_TOKENS = 3  # tokens fed with a past in the decode check
 
 

@@ -8,10 +8,9 @@ from importlib import metadata
 from pathlib import Path
 
 from adalora_deploy import __version__
+from adalora_deploy.constants import MANIFEST_FORMAT
 from adalora_deploy.io import file_sha256
 
-MANIFEST_FILE = "adalora_manifest.json"
-MANIFEST_FORMAT = "adalora-deploy-export"
 VERSIONED_PACKAGES = (
     "adalora-deploy", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime",
     "peft", "safetensors",

@@ -6,11 +6,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from adalora_deploy.constants import (
+    ADAPTER_FILE,
+    CHECKPOINT_FORMAT,
+    PEFT_CONFIG_FILE,
+    PEFT_SOURCE_KIND,
+    PEFT_WEIGHTS_FILE,
+    TOKENIZER_FILES,
+)
+from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE as CONFIG_FILE
 from adalora_deploy.errors import CheckpointError
-from adalora_deploy.model import ADAPTER_FILE, CONFIG_FILE, AdaLoraModel, resolve_model_path
-from adalora_deploy.peft_import import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, load_peft_adapter
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+from adalora_deploy.model import AdaLoraModel, resolve_model_path
+from adalora_deploy.peft_import import load_peft_adapter
 
 
 @dataclass
@@ -55,10 +62,10 @@ def load_source(checkpoint: str | os.PathLike, base: str | None = None) -> Sourc
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if (path / CONFIG_FILE).is_file():
         model = AdaLoraModel.from_pretrained(path, base=base).eval()
-        kind, files = "adalora-deploy-checkpoint", [path / ADAPTER_FILE, path / CONFIG_FILE]
+        kind, files = CHECKPOINT_FORMAT, [path / ADAPTER_FILE, path / CONFIG_FILE]
     elif (path / PEFT_CONFIG_FILE).is_file():
         model = load_peft_adapter(path, base=base)
-        kind, files = "peft-adalora", [path / PEFT_WEIGHTS_FILE, path / PEFT_CONFIG_FILE]
+        kind, files = PEFT_SOURCE_KIND, [path / PEFT_WEIGHTS_FILE, path / PEFT_CONFIG_FILE]
     else:
         raise CheckpointError(
             f"{path} is neither an adalora-deploy checkpoint ({CONFIG_FILE}) nor a PEFT adapter "

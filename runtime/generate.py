@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adalora_deploy.constants import PAST_PREFIX, PRESENT_PREFIX
 from adalora_deploy.errors import ConfigError
-
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
 
 
 @dataclass

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from adalora_deploy.constants import CAUSAL_LM, FEATURE_EXTRACTION, QUESTION_ANSWERING, TOKEN_CLASSIFICATION
+from adalora_deploy.constants import MODEL_CONFIG_FILE as CONFIG_FILE
+from adalora_deploy.constants import SEQUENCE_CLASSIFICATION as CLASSIFICATION
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.io import read_json
 
 from . import token_tasks
 from .generate import GenerationConfig, Generator
 from .session import (
-    CONFIG_FILE,
     ExportDirError,
     OrtSession,
     SessionConfig,
@@ -33,11 +35,6 @@ from .session import (
 # One input: a text, or a (text, text_pair) pair for pair tasks (NLI, paraphrase, ...).
 TextInput = str | tuple[str, str] | list[str]
 
-CLASSIFICATION = "sequence-classification"
-FEATURE_EXTRACTION = "feature-extraction"
-TOKEN_CLASSIFICATION = "token-classification"
-QUESTION_ANSWERING = "question-answering"
-CAUSAL_LM = "causal-lm"
 
 
 def detect_task(session: OrtSession, manifest: dict | None) -> str:
@@ -167,7 +164,7 @@ class Predictor:
         model_dir = resolve_export_dir(path, mode)
         model_config = read_json(model_dir / CONFIG_FILE, "model config")
         manifest = read_manifest(model_dir)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_export_tokenizer(model_dir)
         session = open_session(model_dir, session_config or SessionConfig(provider=provider))
         return cls(session, tokenizer, model_config, manifest, batch_size, max_length)
 
@@ -358,7 +355,7 @@ class Predictor:
         return Predictions(self.task, self.id2label, values, probs, ids, labels)
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
+def load_export_tokenizer(model_dir: str | os.PathLike):
     """The tokenizer saved in an export directory; a clear error when it is missing or broken."""
     from transformers import AutoTokenizer
 

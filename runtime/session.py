@@ -10,13 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE, MODES
 from adalora_deploy.errors import AdaLoraDeployError, CheckpointError, ConfigError
 from adalora_deploy.io import read_json
 
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "adalora_manifest.json"
-CONFIG_FILE = "config.json"
-MODES = ("merged", "factored")
 PROVIDERS = ("auto", "cuda", "cpu")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 CUDA_EP = "CUDAExecutionProvider"

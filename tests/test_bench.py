@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
+from adalora_deploy.bench.flops import count_flops
+from adalora_deploy.bench.run import BenchConfig, check_targets, time_cell
+from adalora_deploy.bench.variants import VARIANTS, Variant
 from adalora_deploy.cli import main
 from adalora_deploy.model import AdaLoraModel
-from adalora_deploy.runtime.bench import BenchConfig, check_targets, time_cell
-from adalora_deploy.runtime.flops import count_flops
 from adalora_deploy.runtime.session import cuda_status
-from adalora_deploy.runtime.variants import VARIANTS, Variant
 
 
 def test_flops_by_hand(tiny_checkpoint):
@@ -116,7 +116,7 @@ def test_bench_checkpoint_small_grid(tiny_checkpoint, tiny_eval_csv, tmp_path):
 
 @pytest.mark.slow
 def test_bench_export_dir_measures_what_is_there_plus_pytorch(tiny_export_root, tmp_path):
-    from adalora_deploy.runtime.bench import run_bench
+    from adalora_deploy.bench.run import run_bench
 
     config = BenchConfig(batch_sizes=[2], seq_lens=[8], runs=2, warmup=1, threads=1, provider="cpu")
     result = run_bench(tiny_export_root, config, json_path=str(tmp_path / "b.json"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from adalora_deploy.cli import main
-from adalora_deploy.report import arrange, layer_index, module_type, rank_grid, rank_report
+from adalora_deploy.rank_report import arrange, layer_index, module_type, rank_grid, rank_report
 
 from .test_data import write_csv
 from .test_training import separable_rows, write_rows

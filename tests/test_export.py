@@ -131,8 +131,7 @@ def test_cli_writes_only_the_asked_mode(tmp_path, tiny_checkpoint, capsys):
 
 def test_validation_failures_are_collected_into_one_error(tmp_path, tiny_checkpoint, monkeypatch):
     """With zero tolerance every ONNX Runtime vs PyTorch comparison fails: one error lists them all."""
-    from adalora_deploy.exporters import onnx as onnx_export
-    from adalora_deploy.exporters import specs
+    from adalora_deploy.exporters import onnx_export, specs
 
     monkeypatch.setitem(specs.DTYPES, "fp32", specs.DtypeSpec("fp32", atol=0.0, float16=False))
     monkeypatch.setattr(onnx_export, "CROSS_MODE_ATOL", 0.0)

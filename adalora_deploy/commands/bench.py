@@ -1,5 +1,5 @@
 """`adalora-deploy bench CHECKPOINT_OR_EXPORT_DIR`: merged against factored graphs and their
-references, timed interleaved in one process (runtime/bench.py)."""
+references, timed interleaved in one process (adalora_deploy/bench/run.py)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adalora_deploy.runtime.bench import BenchConfig, run_bench
-    from adalora_deploy.runtime.report import console_summary
+    from adalora_deploy.bench.markdown import console_summary
+    from adalora_deploy.bench.run import BenchConfig, run_bench
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads ({args.threads}) must be >= 1")

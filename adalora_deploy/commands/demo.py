@@ -40,11 +40,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from ..demo import DemoConfig, demo, format_summary
+    from ..demo import DemoConfig, demo, format_demo_summary
 
     flags = [f.name for f in fields(DemoConfig) if f.name != "progress"]
     summary = demo(**{name: getattr(args, name) for name in flags})
-    print(format_summary(summary))
+    print(format_demo_summary(summary))
     print(f"total time: {summary['seconds']['total']:.0f} s")
     print(f"everything is in {summary['out']}/ (checkpoint/, onnx/merged/, onnx/factored/, bench.json, bench.md, "
           "latency.png, ranks.png, demo_summary.json)")

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import format_summary, format_table, plot_heatmap, rank_report
+    from ..rank_report import format_rank_summary, format_table, plot_heatmap, rank_report
 
     report = rank_report(args.checkpoint)
     if args.json:
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"ranks of {args.checkpoint} (init_r {report.init_r}, target_r {report.target_r})")
         print(format_table(report))
-        print(format_summary(report))
+        print(format_rank_summary(report))
     if args.plot:
         path = plot_heatmap(report, args.plot, overwrite=args.overwrite)
         print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)

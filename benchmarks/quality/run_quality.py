@@ -105,13 +105,13 @@ def load_data(settings: Settings):
     """(train, held-out) tokenised: the library's fixed Rotten Tomatoes split, optionally a subset
     of the training rows drawn with a fixed seed (the same subset for every run)."""
     from adalora_deploy.data import encode, rotten_tomatoes_splits
-    from adalora_deploy.training import load_tokenizer
+    from adalora_deploy.training import load_base_tokenizer
 
     train, heldout = rotten_tomatoes_splits()
     if 0 < settings.train_subset < len(train):
         rows = sorted(random.Random(0).sample(range(len(train)), settings.train_subset))
         train = train.subset(rows)
-    tokenizer = load_tokenizer(settings.model)
+    tokenizer = load_base_tokenizer(settings.model)
     return train.id2label, encode(train, tokenizer, settings.max_length), encode(heldout, tokenizer, settings.max_length)
 
 

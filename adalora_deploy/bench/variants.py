@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from adalora_deploy.constants import ADAPTER_FILE, MODEL_FILE, MODES
+from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE as CHECKPOINT_CONFIG
+from adalora_deploy.constants import MODEL_CONFIG_FILE as CONFIG_FILE
 from adalora_deploy.errors import CheckpointError
 from adalora_deploy.io import read_json
-
-from .session import CONFIG_FILE, MODEL_FILE, MODES, OrtSession, SessionConfig, open_session, read_manifest
-
-ADAPTER_FILE = "adapter.safetensors"
-CHECKPOINT_CONFIG = "adalora_config.json"
+from adalora_deploy.runtime.session import OrtSession, SessionConfig, open_session, read_manifest
 
 # Variant names, in the order they are reported; "merged" is the reference for ratios.
 VARIANTS = (

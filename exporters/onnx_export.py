@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from torch import nn
 
+from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE
 from adalora_deploy.io import atomic_output_dir, check_output_dir, write_json
 from adalora_deploy.layers import svd_modules
 from adalora_deploy.prune import PrunedAdapter, prune, pruned_model
@@ -32,7 +33,6 @@ from . import graph as graphs
 from .decoder import decoder_probes
 from .errors import ExportError
 from .manifest import (
-    MANIFEST_FILE,
     ModuleFigures,
     manifest_header,
     module_table,
@@ -70,7 +70,6 @@ from .specs import (
 from .validate import OrtRunner, Probe, ValidationReport, plain_probes
 
 log = logging.getLogger("adalora_deploy.export")
-ONNX_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ class ModeResult:
 
     @property
     def onnx_path(self) -> Path:
-        return self.dir / ONNX_FILE
+        return self.dir / MODEL_FILE
 
 
 @contextlib.contextmanager
@@ -226,7 +225,7 @@ def export_mode(plan: Plan, mode: ExportMode, out_dir: Path, request: ExportRequ
     module = plan.task.module(mode.transform(plan.model))
     with _step(f"{mode.name}: ONNX export (Optimum, opset {plan.opset})"):
         _optimum_export(module, out_dir, plan)
-    graph = onnx.load(str(out_dir / ONNX_FILE))
+    graph = onnx.load(str(out_dir / MODEL_FILE))
     if mode.has_branches:
         graphs.label_branches(graph, plan.branch_names())
     fused = None
@@ -238,7 +237,7 @@ def export_mode(plan: Plan, mode: ExportMode, out_dir: Path, request: ExportRequ
         graphs.residual_adds_as_sum(graph)
     if request.dtype.float16:
         graph = graphs.to_float16(graph)
-    graphs.save(graph, out_dir / ONNX_FILE)
+    graphs.save(graph, out_dir / MODEL_FILE)
     return ModeResult(mode, out_dir, graph, fused, time.perf_counter() - start)
 
 
@@ -322,7 +321,7 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
         "scaling": model.config.scaling,
         **module_table(_module_figures(plan, result)),
         "graph": {
-            "file": ONNX_FILE,
+            "file": MODEL_FILE,
             "branches": len(graphs.branches(graph)) if result.mode.has_branches else 0,
             "branch_params": graphs.branch_params(graph) if result.mode.has_branches else 0,
             "fused_ops": result.fused_ops,
@@ -365,7 +364,7 @@ def quantize_mode(plan: Plan, result: ModeResult, request: ExportRequest, evalua
     put it in place of the fp32 model.onnx."""
     start = time.perf_counter()
     spec = request.quantize
-    if (result.dir / (ONNX_FILE + "_data")).exists():
+    if (result.dir / (MODEL_FILE + "_data")).exists():
         raise ExportError(f"--quantize {spec.name} of graphs over 2 GB is not supported: export without it")
     int8_path = scratch / f"{result.mode.name}-{spec.name}.onnx"
     exclude = branch_nodes(result.graph) if result.mode.has_branches and not request.branches_in_int8 else []

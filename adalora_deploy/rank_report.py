@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import ADAPTER_FILE
 from .errors import CheckpointError, OutputExistsError
 from .io import atomic_write, load_safetensors
-from .model import ADAPTER_FILE, read_checkpoint_config
+from .model import read_checkpoint_config
 
 # Short column names for the default target-module suffixes of each architecture; any other
 # suffix is shown as it is.
@@ -140,7 +141,7 @@ def format_table(report: RankReport) -> str:
     return "\n".join(lines)
 
 
-def format_summary(report: RankReport) -> str:
+def format_rank_summary(report: RankReport) -> str:
     """Budget and parameter counts, under the table."""
     n = len(report.ranks)
     return (

@@ -8,7 +8,7 @@ p50, p90, p99 latency, throughput (sequences/s at the median latency) and p50 ra
 Targets (checked on every measured cell, printed as pass/fail):
 - merged_vs_base: |p50(merged) / p50(onnx_base) - 1| <= 3%.
 - factored_flop_overhead: (p50(factored_pruned) - p50(merged)) / p50(merged) <= 1.5 x FLOP share,
-  the share being the branch's FLOPs over the merged graph's (runtime/flops.py).
+  the share being the branch's FLOPs over the merged graph's (adalora_deploy/bench/flops.py).
 - pruned_faster_than_unpruned: p50(factored_pruned) < p50(factored_unpruned).
 - merged_vs_optimum_plain: p50(merged) <= 0.90 x p50(optimum_plain) at batch 1 and 32, seq 128.
 - merged_int8_vs_optimum_plain: p50(merged_int8) <= 0.55 x p50(optimum_plain) at batch 1 and 32, seq 128.
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from adalora_deploy.errors import ConfigError, OutputExistsError
+from adalora_deploy.runtime.session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
 
-from .session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
 from .variants import VARIANTS, Variant
 
 MERGED_TOLERANCE = 0.03
@@ -303,10 +303,10 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
 def refuse_generation(source: Path) -> None:
     """bench times single forward passes; a causal LM is measured by tokens/s in
     benchmarks/generate_bench.py instead. Refused before any work."""
+    from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE, MANIFEST_FILE, MODES
     from adalora_deploy.io import read_json
 
-    for meta in ("adalora_config.json", "adalora_manifest.json", "merged/adalora_manifest.json",
-                 "factored/adalora_manifest.json"):
+    for meta in (CHECKPOINT_CONFIG_FILE, MANIFEST_FILE, *(f"{mode}/{MANIFEST_FILE}" for mode in MODES)):
         path = source / meta
         if path.is_file() and read_json(path, "config").get("task") == "causal-lm":
             raise ConfigError(
@@ -335,8 +335,9 @@ def run_bench(
     Returns:
         The results: header, variants, flops, cells, targets.
     """
+    from adalora_deploy.runtime.session import choose_providers
+
     from .flops import count_flops
-    from .session import choose_providers
     from .variants import model_config
 
     config = config or BenchConfig()
@@ -369,7 +370,7 @@ def run_bench(
 
 def int8_evaluation(dirs: dict) -> dict:
     """The accuracy figures our int8 exports recorded at export time, by variant."""
-    from .session import read_manifest
+    from adalora_deploy.runtime.session import read_manifest
 
     figures = {}
     for name, model_dir in dirs.items():
@@ -392,7 +393,7 @@ def write_outputs(result: dict, json_path: str | None, markdown_path: str | None
 
     from adalora_deploy.io import write_text_atomic
 
-    from .report import render_markdown
+    from .markdown import render_markdown
 
     if json_path:
         write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")

@@ -105,7 +105,7 @@ def render_markdown(result: dict) -> str:
         "# adalora-deploy bench", "", *header_lines(result), "", "## Variants", "", *variants, "",
         "## Latency", "", "Throughput is sequences per second at the median latency.", "",
         *results_table(result), "", "## FLOPs", "",
-        "Per sequence; the share is the factored branch's FLOPs over the merged graph's (runtime/flops.py).",
+        "Per sequence; the share is the factored branch's FLOPs over the merged graph's (adalora_deploy/bench/flops.py).",
         "", *flops_lines(result), "", *int8_lines(result), "## Targets", "", *TARGET_DEFINITIONS, "",
         *target_lines(result), "",
     ]

@@ -1,0 +1,39 @@
+"""File names and format ids shared by every stage: one definition each (docs/formats.md).
+
+Torch-free and dependency-free, so that the serving path can import it.
+"""
+
+# -- checkpoint directory (written by `train`, read by export, inspect, bench) ---------------------
+ADAPTER_FILE = "adapter.safetensors"  # NAME.P, NAME.lam, NAME.Q, NAME.mask + other trained modules
+CHECKPOINT_CONFIG_FILE = "adalora_config.json"
+CHECKPOINT_FORMAT = "adalora-deploy-checkpoint"
+TRIPLET_KEYS = ("P", "lam", "Q", "mask")  # tensor suffixes of one adapted module
+
+# -- a PEFT AdaLoRA adapter directory (save_pretrained), accepted by export -----------------------
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_SOURCE_KIND = "peft-adalora"
+
+# -- export directory: one sub-directory per mode ------------------------------------------------
+MODES = ("merged", "factored")
+MODEL_FILE = "model.onnx"  # external data, when written, is MODEL_FILE + "_data"
+MODEL_CONFIG_FILE = "config.json"  # the transformers config
+MANIFEST_FILE = "adalora_manifest.json"
+MANIFEST_FORMAT = "adalora-deploy-export"
+TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer the serving path loads with `tokenizers`
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+# -- graph input/output names of a causal LM with a KV cache ---------------------------------------
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+# -- task ids (checkpoint config "task", manifest "task") -----------------------------------------
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+FEATURE_EXTRACTION = "feature-extraction"
+TOKEN_CLASSIFICATION = "token-classification"
+QUESTION_ANSWERING = "question-answering"
+CAUSAL_LM = "causal-lm"
+LABELLED_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION)  # id2label comes from the data
+
+# -- demo output --------------------------------------------------------------------------------
+DEMO_SUMMARY_FILE = "demo_summary.json"
