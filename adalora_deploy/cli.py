@@ -4,6 +4,7 @@ library function whose keyword arguments mirror the flags (see adalora_deploy/co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -28,10 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import AdaLoraDeployError
+    from .io import signals_as_exit
 
     args = build_parser().parse_args(argv)
+    # SIGTERM/SIGHUP unwind like an error, so temporary outputs are removed; the server handles
+    # its own signals (uvicorn drains in-flight requests).
+    handle_signals = signals_as_exit() if args.command != "serve" else contextlib.nullcontext()
     try:
-        result = args._run(args)
+        with handle_signals:
+            result = args._run(args)
     except AdaLoraDeployError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,9 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +31,7 @@ from .constants import CHECKPOINT_CONFIG_FILE, MANIFEST_FILE
 from .constants import DEMO_SUMMARY_FILE as SUMMARY_FILE
 from .data import ROTTEN_TOMATOES
 from .errors import ConfigError
-from .io import check_output_dir, read_json, write_json
+from .io import INCOMPLETE_MARKER, check_output_dir, read_json, signals_as_exit, write_json
 
 STAGES = 6
 # --fast: a few steps and a one-cell benchmark, for tests and smoke runs (the figures mean little).
@@ -119,19 +116,24 @@ class DemoPaths:
 
 
 @contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_output_dir(
+    out: str | os.PathLike, overwrite: bool = False, sources: tuple = (),
+) -> Iterator[Path]:
     """Yield `out` itself (the stages record absolute paths to each other's artifacts, so they must
     be written where they will stay); on any error remove it and put back what was there before.
 
-    A non-empty `out` is refused unless `overwrite`; then it is moved aside and deleted only once
-    the demo has succeeded.
+    A non-empty `out` is refused unless `overwrite`; then it is moved aside to `.OUT.old-PID` and
+    deleted only once the demo has succeeded. While the demo runs, `out` holds INCOMPLETE_MARKER:
+    after a SIGKILL the next run removes the partial output and restores the old one
+    (io.recover_output_dir).
     """
-    out = check_output_dir(out, overwrite).absolute()
+    out = check_output_dir(out, overwrite, sources).absolute()
     old, existed = None, out.is_dir()
     if existed and any(out.iterdir()):
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
     out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE_MARKER).write_text(f"{os.getpid()}\n")
     try:
         yield out
     except BaseException:
@@ -141,22 +143,9 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         elif existed:
             out.mkdir()  # the user's empty directory stays as it was
         raise
+    (out / INCOMPLETE_MARKER).unlink()
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit while the demo runs, so that a killed demo cleans up its output
-    directory like a failed one (only possible from the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class Stages:
@@ -389,7 +378,7 @@ def demo(**kwargs) -> dict:
     cfg = DemoConfig(**kwargs)
     start = time.perf_counter()
     stages = Stages(cfg.progress)
-    with sigterm_as_exit(), staged_output_dir(cfg.out, cfg.overwrite) as root:
+    with signals_as_exit(), staged_output_dir(cfg.out, cfg.overwrite, (cfg.model, cfg.data)) as root:
         paths = DemoPaths(root)
         heldout = load_splits(cfg.data)[1]
         with stages.stage("train", f"training AdaLoRA ({cfg.steps} steps, init_r {cfg.init_r} -> target_r {cfg.target_r})"):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .constants import ADAPTER_FILE
-from .errors import CheckpointError, OutputExistsError
-from .io import atomic_write, load_safetensors
+from .errors import CheckpointError
+from .io import IMAGE_SUFFIXES, atomic_write, check_output_file, load_safetensors
 from .model import read_checkpoint_config
 
 # Short column names for the default target-module suffixes of each architecture; any other
@@ -184,9 +184,7 @@ def plot_heatmap(report: RankReport, path: str | os.PathLike, overwrite: bool = 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists: choose another --plot path or pass --overwrite")
+    path = check_output_file(path, overwrite, IMAGE_SUFFIXES)
     grid = np.ma.masked_invalid(rank_grid(report))  # (types, layers); NaN where no module
     fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 0.6 * len(report.layers)), 1.2 + 0.5 * len(report.types)))
     image = ax.imshow(grid, cmap="YlGn", vmin=0, vmax=report.init_r, aspect="auto")

@@ -144,7 +144,7 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
     """
     cfg = TrainConfig(**kwargs)
     if cfg.out is not None:
-        check_output_dir(cfg.out, cfg.overwrite)  # refuse before any work, not after
+        check_output_dir(cfg.out, cfg.overwrite, (cfg.model, cfg.data, cfg.eval_data))  # before any work, not after
     train_set, eval_set = _load_data(cfg)
     rank, world, owns_group = _init_distributed()
     try:

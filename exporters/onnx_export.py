@@ -449,7 +449,7 @@ def export(
         tuple(export_modes(mode)), prune_ranks, dtype_spec(dtype), opset, optimize, task, validate,
         quantize_spec(quantize) if quantize is not None else None, eval_data, max_accuracy_drop, quantize_branches,
     )
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, (checkpoint, base))
     with _step(f"loading {checkpoint}"):
         source = load_source(checkpoint, base=base)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

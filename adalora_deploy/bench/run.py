@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adalora_deploy.errors import ConfigError, OutputExistsError
+from adalora_deploy.errors import ConfigError
 from adalora_deploy.runtime.session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
 
 from .variants import VARIANTS, Variant
@@ -382,9 +382,11 @@ def int8_evaluation(dirs: dict) -> dict:
 
 def check_output_files(paths: list[str | None], overwrite: bool) -> None:
     """Refuse output files that exist (unless `overwrite`), before minutes of timing are spent."""
-    existing = [p for p in paths if p and Path(p).exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"{', '.join(existing)} already exist(s): choose other paths or pass --overwrite")
+    from adalora_deploy.io import IMAGE_SUFFIXES, check_output_file
+
+    for path, suffixes in zip(paths, ((), (), IMAGE_SUFFIXES), strict=True):
+        if path:
+            check_output_file(path, overwrite, suffixes)
 
 
 def write_outputs(result: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:

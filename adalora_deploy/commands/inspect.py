@@ -22,8 +22,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import IMAGE_SUFFIXES, check_output_file
     from ..rank_report import format_rank_summary, format_table, plot_heatmap, rank_report
 
+    if args.plot:  # before anything is printed
+        check_output_file(args.plot, args.overwrite, IMAGE_SUFFIXES)
     report = rank_report(args.checkpoint)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

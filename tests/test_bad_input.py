@@ -1,0 +1,155 @@
+"""Bad input through the real CLI (adalora_deploy.cli.main), one table per command. Every case must
+end as a user should see it: exit code 2, exactly one `error:` line on stderr, no traceback, and
+nothing written or removed anywhere in the workspace (its tree is compared before and after).
+All cases fail before any training or timing, so the suite stays fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adalora_deploy.cli import main
+
+from .test_training import separable_rows, write_rows
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_bert_dir, tiny_checkpoint, tiny_export_root) -> Path:
+    """A workspace holding copies of the tiny model, checkpoint and export, good data, and a
+    `cwd/` with a user's file, so that any case that writes or removes something is seen."""
+    root = tmp_path_factory.mktemp("bad-input")
+    shutil.copytree(tiny_bert_dir, root / "model")
+    shutil.copytree(tiny_checkpoint, root / "runs" / "ckpt")
+    shutil.copytree(tiny_export_root, root / "onnx")
+    (root / "data").mkdir()
+    write_rows(root / "data" / "good.csv", separable_rows(40))
+    (root / "cwd").mkdir()
+    (root / "cwd" / "precious.txt").write_text("the user's file")
+    (root / "a-file").write_text("not a directory")
+    (root / "existing-dir").mkdir()
+    return root
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every path under `root` with its kind, size and mtime (directories: the sorted entry names)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size if p.is_file() else None, st.st_mtime_ns)
+    return out
+
+
+def refuse(ws: Path, monkeypatch, capsys, argv: list, fragment: str) -> None:
+    """Run the CLI in `ws/cwd` and assert the refusal contract."""
+    monkeypatch.chdir(ws / "cwd")
+    before = tree(ws)
+    tmp_before = set(Path("/tmp").glob("adalora-*"))
+    code = main([str(a).replace("{ws}", str(ws)) for a in argv])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert fragment in lines[0], lines[0]
+    assert tree(ws) == before, "the workspace changed"
+    assert set(Path("/tmp").glob("adalora-*")) <= tmp_before, "a temporary directory was left in /tmp"
+
+
+TRAIN = ["train", "--model", "{ws}/model", "--data", "{ws}/data/good.csv", "--steps", "10"]
+
+TRAIN_CASES = {
+    # data loss
+    "out empty string with overwrite": (["--out", "", "--overwrite"], "--out is empty"),
+    "out is the current directory": (["--out", ".", "--overwrite"], "is the current directory"),
+    "out is a parent of the current directory": (["--out", "..", "--overwrite"], "is the current directory or one of"),
+    "out is the home directory": (["--out", os.path.expanduser("~"), "--overwrite"], "the home directory"),
+    "out is the root": (["--out", "/", "--overwrite"], "is the current directory or one of"),
+    "out is the data file": (["--out", "{ws}/data/good.csv", "--overwrite"], "is the input"),
+    "out contains the data": (["--out", "{ws}/data", "--overwrite"], "contains the input"),
+    "out is the base model": (["--out", "{ws}/model", "--overwrite"], "is the input"),
+    "out inside the base model": (["--out", "{ws}/model/sub"], "lies inside the input"),
+    "out is a file": (["--out", "{ws}/a-file", "--overwrite"], "exists and is not a directory"),
+    "parent of out is a file": (["--out", "{ws}/a-file/ckpt"], "is a file, not a directory"),
+    "parent of out is read-only": (["--out", "/proc/adalora-ckpt"], "cannot write in /proc"),
+    "non-empty out without overwrite": (["--out", "{ws}/runs/ckpt"], "exists and is not empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_refuses(case, ws, monkeypatch, capsys):
+    flags, fragment = TRAIN_CASES[case]
+    refuse(ws, monkeypatch, capsys, TRAIN + flags, fragment)
+
+
+EXPORT_CASES = {
+    "out is the checkpoint": (["{ws}/runs/ckpt", "--out", "{ws}/runs/ckpt", "--overwrite"], "is the input"),
+    "out inside the checkpoint": (["{ws}/runs/ckpt", "--out", "{ws}/runs/ckpt/onnx", "--overwrite"], "lies inside the input"),
+    "out contains the checkpoint": (["{ws}/runs/ckpt", "--out", "{ws}/runs", "--overwrite"], "contains the input"),
+    "out is the base": (["{ws}/runs/ckpt", "--base", "{ws}/model", "--out", "{ws}/model", "--overwrite"], "is the input"),
+    "out empty string": (["{ws}/runs/ckpt", "--out", "", "--overwrite"], "--out is empty"),
+    "out is the current directory": (["{ws}/runs/ckpt", "--out", ".", "--overwrite"], "is the current directory"),
+    "parent of out is a file": (["{ws}/runs/ckpt", "--out", "{ws}/a-file/onnx"], "is a file, not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_refuses(case, ws, monkeypatch, capsys):
+    flags, fragment = EXPORT_CASES[case]
+    refuse(ws, monkeypatch, capsys, ["export", *flags], fragment)
+
+
+INSPECT_CASES = {
+    "plot without an extension": (["{ws}/runs/ckpt", "--plot", "{ws}/ranks"], "has no image extension"),
+    "plot is a directory": (["{ws}/runs/ckpt", "--plot", "{ws}/existing-dir"], "is a directory"),
+    "plot exists": (["{ws}/runs/ckpt", "--plot", "{ws}/data/good.csv"], "already exists"),
+}
+
+
+@pytest.mark.parametrize("case", list(INSPECT_CASES))
+def test_inspect_refuses(case, ws, monkeypatch, capsys):
+    flags, fragment = INSPECT_CASES[case]
+    refuse(ws, monkeypatch, capsys, ["inspect", *flags], fragment)
+
+
+BENCH = ["bench", "{ws}/onnx", "--batch-sizes", "1", "--seq-lens", "8", "--runs", "1"]
+
+BENCH_CASES = {
+    "json target is a directory": (["--json", "{ws}/existing-dir"], "is a directory"),
+    "plot target is a directory": (["--plot", "{ws}/existing-dir"], "is a directory"),
+    "plot without an extension": (["--plot", "{ws}/latency"], "has no image extension"),
+    "json exists": (["--json", "{ws}/data/good.csv"], "already exists"),
+    "parent of json is a file": (["--json", "{ws}/a-file/b.json"], "is a file, not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BENCH_CASES))
+def test_bench_refuses(case, ws, monkeypatch, capsys):
+    flags, fragment = BENCH_CASES[case]
+    refuse(ws, monkeypatch, capsys, BENCH + flags, fragment)
+
+
+DEMO = ["demo", "--model", "{ws}/model", "--data", "{ws}/data/good.csv", "--fast"]
+
+DEMO_CASES = {
+    "out empty string": (["--out", "", "--overwrite"], "--out is empty"),
+    "out is the current directory": (["--out", ".", "--overwrite"], "is the current directory"),
+    "out contains the data": (["--out", "{ws}/data", "--overwrite"], "contains the input"),
+    "non-empty out without overwrite": (["--out", "{ws}/runs/ckpt"], "exists and is not empty"),
+    "parent of out is a file": (["--out", "{ws}/a-file/demo"], "is a file, not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(DEMO_CASES))
+def test_demo_refuses(case, ws, monkeypatch, capsys):
+    flags, fragment = DEMO_CASES[case]
+    refuse(ws, monkeypatch, capsys, DEMO + flags, fragment)
+
+
+def test_the_workspace_is_what_the_cases_expect(ws):
+    # The refusals above are only meaningful if their targets exist as described.
+    assert (ws / "runs" / "ckpt" / "adapter.safetensors").is_file() and (ws / "a-file").is_file()
+    assert json.loads((ws / "onnx" / "merged" / "adalora_manifest.json").read_text())["mode"] == "merged"
