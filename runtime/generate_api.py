@@ -44,21 +44,39 @@ def parse_generate(data, max_texts: int, max_chars: int, request_error) -> Gener
     unknown = sorted(set(data) - {"inputs", "stream", *OPTION_TYPES})
     if unknown:
         raise request_error(422, f"unknown keys {unknown}; allowed: inputs, stream, {', '.join(OPTION_TYPES)}")
-    prompts = [data["inputs"]] if isinstance(data["inputs"], str) else data["inputs"]
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise request_error(422, '"stream" must be true or false')
+    return GenerateRequest(_prompts(data["inputs"], max_texts, max_chars, request_error),
+                           _options(data, request_error), stream)
+
+
+def _prompts(inputs, max_texts: int, max_chars: int, request_error) -> list[str]:
+    prompts = [inputs] if isinstance(inputs, str) else inputs
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise request_error(422, '"inputs" must be a non-empty prompt or a non-empty list of them')
     if len(prompts) > max_texts:
         raise request_error(413, f"{len(prompts)} prompts in one request; at most {max_texts} (--max-texts)")
-    if any(len(p) > max_chars for p in prompts):
-        raise request_error(413, f"a prompt is over {max_chars} characters (--max-chars)")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > max_chars:
+            raise request_error(413, f"prompt {i} has {len(prompt)} characters; at most {max_chars} (--max-chars)")
+        try:
+            prompt.encode("utf-8")  # JSON escapes can smuggle in lone surrogates, which no tokenizer takes
+        except UnicodeEncodeError as err:
+            raise request_error(400, f"prompt {i} is not valid Unicode (lone surrogate at {err.start})") from err
+    return prompts
+
+
+def _options(data: dict, request_error) -> dict:
+    """The GenerationConfig keywords of the body, type-checked and validated."""
     options = {}
     for key, kind in OPTION_TYPES.items():
         value = data.get(key)
         if value is None:
             continue
-        ok = isinstance(value, bool) if kind is bool else (isinstance(value, int | float) and not isinstance(value, bool))
-        if not ok or (kind is int and not float(value).is_integer()):
-            raise request_error(422, f'"{key}" must be {"true/false" if kind is bool else f"a number ({kind.__name__})"}')
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (isinstance(value, bool) if kind is bool else number and (kind is not int or float(value).is_integer())):
+            raise request_error(422, f'"{key}" must be {"true or false" if kind is bool else f"a number ({kind.__name__})"}')
         options[key] = kind(value)
     if options.get("max_new_tokens", 0) > MAX_NEW_TOKENS_LIMIT:
         raise request_error(422, f'"max_new_tokens" is at most {MAX_NEW_TOKENS_LIMIT}')
@@ -66,10 +84,7 @@ def parse_generate(data, max_texts: int, max_chars: int, request_error) -> Gener
         GenerationConfig(**options)
     except ConfigError as err:
         raise request_error(422, str(err)) from err
-    stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise request_error(422, '"stream" must be true or false')
-    return GenerateRequest(prompts, options, stream)
+    return options
 
 
 def _collect(events: list[dict], n: int) -> list[dict]:

@@ -183,6 +183,9 @@ def test_http_stream_is_ndjson_token_by_token(lm_server):
     ({"inputs": "hi", "max_new_tokens": 1000}, 422, "positions"),
     ({"inputs": "hi", "max_new_tokens": 1000, "stream": True}, 422, "positions"),  # before the stream starts
     ({"inputs": "hi", "stream": "yes"}, 422, "stream"),
+    ({"inputs": "hi", "do_sample": 1}, 422, "true or false"),
+    ({"inputs": "x" * 201}, 413, "at most 200"),
+    ({"inputs": "a \ud800 b"}, 400, "lone surrogate"),
 ])
 def test_http_generate_refusals(lm_server, body, status, words):
     client, _ = lm_server
