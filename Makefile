@@ -24,8 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff, then the layer contract (tests/test_layers.py): imports run core <- exporters <- runtime.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py -k "one_way or contract"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

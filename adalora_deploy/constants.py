@@ -21,6 +21,8 @@ MODEL_CONFIG_FILE = "config.json"  # the transformers config
 MANIFEST_FILE = "adalora_manifest.json"
 MANIFEST_FORMAT = "adalora-deploy-export"
 TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer the serving path loads with `tokenizers`
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers' settings, + "model_input_names"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 # -- graph input/output names of a causal LM with a KV cache ---------------------------------------

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from torch import nn
 
-from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE
-from adalora_deploy.io import atomic_output_dir, check_output_dir, write_json
+from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from adalora_deploy.io import atomic_output_dir, check_output_dir, read_json, write_json
 from adalora_deploy.layers import svd_modules
 from adalora_deploy.prune import PrunedAdapter, prune, pruned_model
 
@@ -337,8 +337,20 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
     }
 
 
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """The tokenizer files, with the input names transformers' class would return recorded in
+    tokenizer_config.json: the serving tokenizer reads tokenizer.json without knowing the class."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"the tokenizer ({type(tokenizer).__name__}) has no fast version: serving reads "
+                          f"{TOKENIZER_FILE}; save the base model with a fast tokenizer")
+    tokenizer.save_pretrained(str(out_dir))
+    path = out_dir / TOKENIZER_CONFIG_FILE
+    config = read_json(path, "tokenizer config") if path.is_file() else {}
+    write_json(path, config | {"model_input_names": list(tokenizer.model_input_names)})
+
+
 def _finish(plan: Plan, result: ModeResult, report: ValidationReport | None, request: ExportRequest) -> None:
-    plan.tokenizer.save_pretrained(str(result.dir))
+    save_tokenizer(plan.tokenizer, result.dir)
     write_json(result.dir / MANIFEST_FILE, mode_manifest(plan, result, report, request))
 
 

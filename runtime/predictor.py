@@ -11,14 +11,13 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from adalora_deploy.constants import CAUSAL_LM, FEATURE_EXTRACTION, QUESTION_ANSWERING, TOKEN_CLASSIFICATION
 from adalora_deploy.constants import MODEL_CONFIG_FILE as CONFIG_FILE
 from adalora_deploy.constants import SEQUENCE_CLASSIFICATION as CLASSIFICATION
-from adalora_deploy.errors import ConfigError
+from adalora_deploy.errors import CheckpointError, ConfigError
 from adalora_deploy.io import read_json
 
 from . import token_tasks
@@ -31,6 +30,7 @@ from .session import (
     read_manifest,
     resolve_export_dir,
 )
+from .tokenizer import ExportTokenizer
 
 # One input: a text, or a (text, text_pair) pair for pair tasks (NLI, paraphrase, ...).
 TextInput = str | tuple[str, str] | list[str]
@@ -355,14 +355,10 @@ class Predictor:
         return Predictions(self.task, self.id2label, values, probs, ids, labels)
 
 
-def load_export_tokenizer(model_dir: str | os.PathLike):
-    """The tokenizer saved in an export directory; a clear error when it is missing or broken."""
-    from transformers import AutoTokenizer
-
-    model_dir = Path(model_dir)
+def load_export_tokenizer(model_dir: str | os.PathLike) -> ExportTokenizer:
+    """The tokenizer saved in an export directory (tokenizer.json, read with `tokenizers`); a clear
+    error when it is missing or broken."""
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise ExportDirError(
-            f"{model_dir} has no usable tokenizer ({str(err).splitlines()[0][:160]}): re-export it"
-        ) from err
+        return ExportTokenizer.from_dir(model_dir)
+    except CheckpointError as err:
+        raise ExportDirError(str(err)) from err

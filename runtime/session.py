@@ -112,15 +112,13 @@ def is_quantized(model_dir: str | os.PathLike) -> bool:
     return bool((read_manifest(model_dir) or {}).get("quantization"))
 
 
-def _tiny_probe_model() -> bytes:
-    """A one-node ONNX model, to find out whether an execution provider really starts."""
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    return model.SerializeToString()
+# A one-node ONNX model (y = Relu(x), x and y float [1], opset 13, IR version 8), serialized, to find
+# out whether an execution provider really starts. Written out as bytes so that serving needs no `onnx`
+# package; tests/test_layers.py checks it against onnx.helper's build of the same model.
+PROBE_MODEL = (
+    b'\x08\x08:7\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08'
+    b'\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r'
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,7 +135,7 @@ def cuda_status(device_id: int = 0) -> tuple[bool, str]:
         return False, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
     ort.set_default_logger_severity(4)  # the failed library load is expected here: keep it quiet
     try:
-        probe = ort.InferenceSession(_tiny_probe_model(), providers=[(CUDA_EP, {"device_id": device_id})])
+        probe = ort.InferenceSession(PROBE_MODEL, providers=[(CUDA_EP, {"device_id": device_id})])
         started = probe.get_providers()[0] == CUDA_EP
     except Exception as err:  # ORT raises its own Fail/RuntimeException types here
         return False, f"ONNX Runtime failed to start CUDA ({str(err).splitlines()[0]})"
