@@ -48,6 +48,7 @@ from .quantize import (
     check_drop,
     eval_set,
     predict,
+    quantization_record,
     quantize_graph,
     quantize_spec,
 )
@@ -389,20 +390,10 @@ def quantize_mode(plan: Plan, result: ModeResult, request: ExportRequest, evalua
                **accuracy_figures(fp32, int8, np.asarray(evaluation.dataset.labels)),
                "max_accuracy_drop": request.max_accuracy_drop}
     check_drop(result.mode.name, figures, request.max_accuracy_drop)
-    sizes = {"fp32_bytes": result.onnx_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
+    branches = ("int8" if request.branches_in_int8 else "fp32") if result.mode.has_branches else None
+    record = quantization_record(spec, branches, exclude, result.onnx_path, int8_path, figures)
     shutil.move(str(int8_path), str(result.onnx_path))
-    result.quantization = {
-        "scheme": spec.name,
-        "tool": "onnxruntime.quantization.quantize_dynamic",
-        "weights": "int8, symmetric, " + ("per output channel" if spec.per_channel else "per tensor"),
-        "activations": "uint8, dynamic (scale and zero point computed per tensor at run time)",
-        "op_types": list(spec.op_types),
-        "branches": ("int8" if request.branches_in_int8 else "fp32") if result.mode.has_branches else None,
-        "fp32_nodes_kept": exclude,
-        **sizes, "size_ratio": round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4),
-        "evaluation": figures,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    result.quantization = {**record, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _export_into(tmp: Path, source: Source, request: ExportRequest) -> None:

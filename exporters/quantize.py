@@ -117,6 +117,24 @@ def quantize_graph(fp32_path: Path, out_path: Path, spec: QuantizeSpec, exclude:
     return onnx.load(str(out_path))
 
 
+def quantization_record(
+    spec: QuantizeSpec, branches: str | None, kept: list[str], fp32_path: Path, int8_path: Path, evaluation: dict,
+) -> dict:
+    """The manifest's "quantization" section (docs/quantization.md), before the int8 file replaces fp32."""
+    sizes = {"fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
+    return {
+        "scheme": spec.name,
+        "tool": "onnxruntime.quantization.quantize_dynamic",
+        "weights": "int8, symmetric, " + ("per output channel" if spec.per_channel else "per tensor"),
+        "activations": "uint8, dynamic (scale and zero point computed per tensor at run time)",
+        "op_types": list(spec.op_types),
+        "branches": branches,
+        "fp32_nodes_kept": kept,
+        **sizes, "size_ratio": round(sizes["int8_bytes"] / sizes["fp32_bytes"], 4),
+        "evaluation": evaluation,
+    }
+
+
 # -- evaluation data --------------------------------------------------------------------------------
 
 
