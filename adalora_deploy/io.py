@@ -237,13 +237,29 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from `path`; a missing, unreadable or non-object file raises CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({err}): re-create it") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{what} {path} is not valid JSON ({str(err)[:160]}): re-create it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} holds a JSON {type(data).__name__}, not an object: re-create it")
+    return data
+
+
+# Any one of these makes a directory loadable by AutoTokenizer (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(model_dir: str | os.PathLike, fix: str) -> None:
+    """Raise CheckpointError naming the files looked for when a local directory has no tokenizer
+    (transformers would fail deep inside with an unrelated message)."""
+    model_dir = Path(model_dir)
+    if model_dir.is_dir() and not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): {fix}")
 
 
 def load_safetensors(path: str | os.PathLike, what: str = "weights") -> dict:

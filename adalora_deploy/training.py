@@ -28,7 +28,7 @@ from .constants import (
 )
 from .data import ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_splits
 from .errors import CheckpointError, ConfigError
-from .io import check_output_dir
+from .io import check_output_dir, check_tokenizer_files
 from .model import AdaLoraModel, prepare_model, resolve_model_path
 from .task_data import READERS, correct_and_total, load_task_splits
 
@@ -217,10 +217,14 @@ def load_base_tokenizer(name_or_path: str | None, **kwargs):
     """The base model's tokenizer (the packaged MiniLM's for None); kwargs go to from_pretrained."""
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(name_or_path)
+    check_tokenizer_files(path, "copy the base model's tokenizer files into it")
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
-    except OSError as err:
-        raise CheckpointError(f"no tokenizer for model {name_or_path!r} ({err}): pass a model directory with tokenizer files") from err
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"no usable tokenizer for model {name_or_path!r} ({str(err).splitlines()[0][:160]}): pass a model "
+            "directory with tokenizer files") from None
 
 
 load_tokenizer = load_base_tokenizer  # the name earlier releases documented; kept for their users

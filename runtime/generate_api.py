@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from adalora_deploy.errors import ConfigError
 
 from .generate import GenerationConfig
+from .limits import load_json
 
 MAX_NEW_TOKENS_LIMIT = 1024
 OPTION_TYPES = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float, "seed": int}
@@ -160,11 +161,7 @@ def add_generate_route(app, predictor, config, request_error, read_body) -> Gene
     async def generate(request: Request):
         if predictor.task != "causal-lm":
             raise request_error(422, f"this server runs a {predictor.task} model: use POST /v1/predict")
-        body = await read_body(request, config.max_body_bytes)
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise request_error(400, f"malformed JSON body ({err})") from err
+        data = load_json(await read_body(request, config.max_body_bytes, config.body_timeout))
         req = parse_generate(data, config.max_texts, config.max_chars, request_error)
         try:
             if req.stream:

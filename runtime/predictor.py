@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +31,16 @@ from .session import (
     resolve_export_dir,
 )
 from .tokenizer import ExportTokenizer
+
+# Texts are cut to max_length * CHARS_PER_TOKEN characters before tokenizing: the cut cannot change
+# the first max_length tokens unless they average more than this many characters (ordinary text
+# averages about 4), and it bounds the tokenizer's time and memory for very long texts.
+CHARS_PER_TOKEN = 16
+
+
+class PredictionCancelled(Exception):
+    """`predict(..., should_stop=...)` stopped between two model calls because nobody waits any more."""
+
 
 # One input: a text, or a (text, text_pair) pair for pair tasks (NLI, paraphrase, ...).
 TextInput = str | tuple[str, str] | list[str]
@@ -180,6 +190,9 @@ class Predictor:
     def tokenize(self, inputs: Sequence[TextInput]) -> list[dict[str, list[int]]]:
         """Token ids per input, truncated to max_length and not padded."""
         texts, pairs = _split_inputs(inputs)
+        limit = self.max_length * CHARS_PER_TOKEN
+        texts = [t[:limit] for t in texts]
+        pairs = [p if p is None else p[:limit] for p in pairs]
         out: list[dict | None] = [None] * len(texts)
         singles = [i for i, p in enumerate(pairs) if p is None]
         doubles = [i for i, p in enumerate(pairs) if p is not None]
@@ -212,7 +225,10 @@ class Predictor:
             batch["attention_mask"] = (batch["input_ids"] != pad_id).astype(np.int64)
         return batch
 
-    def predict(self, inputs: TextInput | Sequence[TextInput], batch_size: int | None = None) -> Predictions:
+    def predict(
+        self, inputs: TextInput | Sequence[TextInput], batch_size: int | None = None,
+        max_batch_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
+    ) -> Predictions:
         """Predict for one input or a list of them.
 
         Args:
@@ -220,6 +236,9 @@ class Predictor:
                 list a pair may also be a 2-item list, as JSON sends it). A bare list is always a
                 batch: ["a", "b"] is two texts, [("a", "b")] is one pair.
             batch_size: overrides the predictor's batch size for this call.
+            max_batch_tokens: most padded tokens (rows x longest row) in one model call; bounds
+                the activation memory of a batch of long texts (None: batch_size alone).
+            should_stop: asked before each model call; True raises PredictionCancelled.
 
         Returns:
             Predictions in input order.
@@ -234,11 +253,12 @@ class Predictor:
             return self._token_task(inputs, batch_size or self.batch_size)
         encodings = self.tokenize(inputs)
         # Sorting by length groups similar lengths, so that each batch pads little.
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]["input_ids"]))
-        size = batch_size or self.batch_size
+        lengths = [len(e["input_ids"]) for e in encodings]
+        order = sorted(range(len(encodings)), key=lambda i: lengths[i])
         rows: list[np.ndarray | None] = [None] * len(encodings)
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+        for chunk in chunk_by_tokens(order, lengths, batch_size or self.batch_size, max_batch_tokens):
+            if should_stop is not None and should_stop():
+                raise PredictionCancelled("nobody waits for these predictions any more")
             for i, row in zip(chunk, self._run_batch([encodings[i] for i in chunk]), strict=True):
                 rows[i] = row
         return self._predictions(np.stack(rows))
@@ -353,6 +373,21 @@ class Predictor:
         ids = probs.argmax(axis=-1)  # (N,)
         labels = [self.id2label.get(int(i), str(int(i))) for i in ids]
         return Predictions(self.task, self.id2label, values, probs, ids, labels)
+
+
+def chunk_by_tokens(order: list[int], lengths: list[int], size: int, max_tokens: int | None) -> Iterator[list[int]]:
+    """Split `order` (indices sorted by ascending length) into model batches of at most `size` rows
+    and, when `max_tokens` is given, at most `max_tokens` padded tokens (rows x longest row); a
+    single row longer than `max_tokens` runs alone."""
+    chunk: list[int] = []
+    for i in order:
+        full = len(chunk) >= size or (max_tokens is not None and (len(chunk) + 1) * lengths[i] > max_tokens)
+        if chunk and full:
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
 
 
 def load_export_tokenizer(model_dir: str | os.PathLike) -> ExportTokenizer:

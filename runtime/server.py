@@ -10,12 +10,16 @@
 Concurrent requests are queued; one worker takes the first, waits at most max_wait_ms for more
 (up to max_batch_size inputs), runs them as one batch in a worker thread, and hands each request
 its own rows back. On shutdown uvicorn stops accepting, the queue is drained, then the worker ends.
+
+Overload (runtime/limits.py, docs/refusals.md): the queue is bounded in texts and tokens (503 with
+Retry-After past it), each request has a deadline (504), the work of a client that disconnected or
+timed out is dropped before it runs, and each model call holds at most max_batch_tokens padded tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -27,7 +31,8 @@ from fastapi.responses import JSONResponse
 from adalora_deploy.errors import ConfigError
 
 from .generate_api import add_generate_route
-from .predictor import CAUSAL_LM, Predictor, TextInput
+from .limits import Admission, RequestError, bind_socket, load_json, read_body, token_estimate
+from .predictor import CAUSAL_LM, PredictionCancelled, Predictor, TextInput
 from .session import SessionConfig
 
 # JSON may spell one character as a 12-byte surrogate-pair escape; bodies past this bound for the
@@ -47,6 +52,11 @@ class ServerConfig:
         max_wait_ms: longest a request waits for others to share its batch.
         max_texts: most inputs in one request.
         max_chars: most characters in one text (each side of a pair counts separately).
+        max_queue_texts: most inputs queued or running; beyond it requests get 503 + Retry-After.
+        max_queue_tokens: most tokens (an upper-bound estimate) queued or running; beyond it 503.
+        max_batch_tokens: most padded tokens in one model call (bounds the activation memory).
+        request_timeout: seconds a request may wait and run after its body arrived; then 504.
+        body_timeout: seconds a client has to send its whole body; then 408.
     """
 
     host: str = "127.0.0.1"
@@ -55,28 +65,31 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_texts: int = 64
     max_chars: int = 10_000
+    max_queue_texts: int = 1024
+    max_queue_tokens: int = 131_072
+    max_batch_tokens: int = 8192
+    request_timeout: float = 30.0
+    body_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_texts", "max_chars"):
+        for name in ("max_batch_size", "max_texts", "max_chars", "max_queue_texts", "max_queue_tokens",
+                     "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"max_wait_ms ({self.max_wait_ms}) must be >= 0")
+        if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= 10_000):
+            raise ConfigError(f"max_wait_ms ({self.max_wait_ms}) must be a number of milliseconds in 0..10000")
+        for name in ("request_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} ({value}) must be a positive number of seconds")
+        if self.max_queue_texts < self.max_texts:
+            raise ConfigError(f"max_queue_texts ({self.max_queue_texts}) must be >= max_texts ({self.max_texts})")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port ({self.port}) must be in 0..65535")
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_texts * 2 * self.max_chars * MAX_BYTES_PER_CHAR + BODY_OVERHEAD_BYTES
-
-
-class RequestError(Exception):
-    """A bad request: its HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def parse_inputs(body: bytes, config: ServerConfig) -> list[TextInput]:
@@ -89,14 +102,7 @@ def parse_inputs(body: bytes, config: ServerConfig) -> list[TextInput]:
     Returns:
         The inputs: strings, or (text, text_pair) tuples.
     """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RequestError(400, f"request body is not valid UTF-8 (byte {err.start})") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RequestError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
+    data = load_json(body)
     if not isinstance(data, dict) or set(data) != {"inputs"}:
         raise RequestError(422, 'body must be a JSON object with one key, "inputs": {"inputs": ["text", ...]}')
     inputs = data["inputs"]
@@ -132,7 +138,11 @@ def _check_text(where: str, text, max_chars: int) -> str:
 @dataclass
 class _Job:
     inputs: list[TextInput]
-    future: asyncio.Future
+    future: asyncio.Future  # cancelled when the client disconnects or its deadline passes
+
+    @property
+    def dropped(self) -> bool:
+        return self.future.done()
 
 
 _STOP = object()
@@ -141,6 +151,7 @@ _STOP = object()
 @dataclass
 class BatchStats:
     received: int = 0  # requests queued so far (requests counts those that have run)
+    dropped: int = 0  # requests whose client left (or timed out) before they ran
     requests: int = 0
     inputs: int = 0
     batches: int = 0
@@ -155,11 +166,13 @@ class MicroBatcher:
         predictor: the thread-safe Predictor that runs each batch.
         max_batch_size: most inputs per batch (a single larger request runs alone, chunked).
         max_wait_ms: how long the first request of a batch waits for company.
+        max_batch_tokens: most padded tokens in one model call.
     """
 
     predictor: Predictor
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    max_batch_tokens: int | None = None
     stats: BatchStats = field(default_factory=BatchStats)
 
     def __post_init__(self) -> None:
@@ -179,11 +192,15 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def submit(self, inputs: list[TextInput]) -> list[dict]:
-        """Queue one request's inputs; returns one record per input once its batch has run."""
+        """Queue one request's inputs; returns one record per input once its batch has run.
+        Cancelling the caller cancels the job: it is dropped before it runs (or between chunks)."""
         future = asyncio.get_running_loop().create_future()
         self.stats.received += 1
         await self._queue.put(_Job(inputs, future))
-        return await future
+        try:
+            return await future
+        finally:
+            future.cancel()  # no-op when done; otherwise the worker sees the job as dropped
 
     async def _worker(self) -> None:
         pending = None
@@ -191,6 +208,10 @@ class MicroBatcher:
             first = pending if pending is not None else await self._queue.get()
             if first is _STOP:
                 return
+            if first.dropped:
+                self.stats.dropped += 1
+                pending = None
+                continue
             batch, pending = await self._collect(first)
             await self._run(batch)
 
@@ -206,6 +227,9 @@ class MicroBatcher:
             job = await self._next(deadline - loop.time())
             if job is None:
                 break
+            if job is not _STOP and job.dropped:
+                self.stats.dropped += 1
+                continue
             if job is _STOP or size + len(job.inputs) > self.max_batch_size:
                 return batch, job
             batch.append(job)
@@ -229,7 +253,10 @@ class MicroBatcher:
         self._count(batch, len(flat))
         loop = asyncio.get_running_loop()
         try:
-            predictions = await loop.run_in_executor(self._executor, self._predict, flat)
+            predictions = await loop.run_in_executor(self._executor, self._predict, flat, batch)
+        except PredictionCancelled:  # every client of this batch has gone: its remaining chunks were skipped
+            self.stats.dropped += len(batch)
+            return
         except Exception as err:  # hand the failure to every waiting request, keep serving
             for job in batch:
                 if not job.future.done():
@@ -241,28 +268,19 @@ class MicroBatcher:
                 job.future.set_result(predictions[start:start + len(job.inputs)])
             start += len(job.inputs)
 
-    def _predict(self, inputs: list[TextInput]) -> list[dict]:
-        return self.predictor.predict(inputs, batch_size=self.max_batch_size).records()
+    def _predict(self, inputs: list[TextInput], batch: list[_Job]) -> list[dict]:
+        # Runs in the model thread; reading done() there is a plain flag read.
+        predictions = self.predictor.predict(
+            inputs, batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
+            should_stop=lambda: all(job.dropped for job in batch),
+        )
+        return predictions.records()
 
     def _count(self, batch: list[_Job], n_inputs: int) -> None:
         self.stats.requests += len(batch)
         self.stats.inputs += n_inputs
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, n_inputs)
-
-
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_app(predictor: Predictor, config: ServerConfig | None = None):
@@ -276,7 +294,8 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
         A FastAPI app (run it with uvicorn).
     """
     config = config or ServerConfig()
-    batcher = MicroBatcher(predictor, config.max_batch_size, config.max_wait_ms)
+    batcher = MicroBatcher(predictor, config.max_batch_size, config.max_wait_ms, config.max_batch_tokens)
+    admission = Admission(config.max_queue_texts, config.max_queue_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -287,22 +306,30 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
 
     app = FastAPI(title="adalora-deploy", lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.admission = admission
     app.state.generation = add_generate_route(app, predictor, config, RequestError, read_body)
 
     @app.exception_handler(RequestError)
     async def _bad_request(request, err: RequestError):
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
     @app.post("/v1/predict")
     async def predict(request: Request):
         if predictor.task == CAUSAL_LM:
             raise RequestError(422, "this server runs a causal LM: use POST /v1/generate")
-        inputs = parse_inputs(await read_body(request, config.max_body_bytes), config)
-        return {"predictions": await batcher.submit(inputs)}
+        body = await read_body(request, config.max_body_bytes, config.body_timeout)
+        inputs = parse_inputs(body, config)
+        tokens = token_estimate(inputs, predictor.max_length)
+        admission.admit(len(inputs), tokens)
+        try:
+            return {"predictions": await until_done_or_gone(batcher.submit(inputs), request, config.request_timeout)}
+        finally:
+            admission.release(len(inputs), tokens)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **_describe(predictor), **vars(batcher.stats)}
+        queue = {"queued_texts": admission.texts, "queued_tokens": admission.tokens, "refused": admission.refused}
+        return {"status": "ok", **_describe(predictor), **vars(batcher.stats), **queue}
 
     @app.get("/metadata")
     async def metadata():
@@ -313,20 +340,44 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
     return app
 
 
+async def until_done_or_gone(work, request: Request, timeout: float):
+    """Await `work`, cancelling it when the client disconnects (499-like: nobody reads the answer)
+    or after `timeout` seconds (504)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if gone in done:
+            raise RequestError(499, "client closed the request")
+        raise RequestError(504, f"the request did not complete within {timeout:g} s (--request-timeout); retry later")
+    finally:
+        task.cancel()
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    # After the body has been read, the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _describe(predictor: Predictor) -> dict:
     manifest = predictor.manifest or {}
     return {"provider": predictor.provider, "mode": manifest.get("mode"), "task": predictor.task}
 
 
 def serve(
-    path: str | os.PathLike, mode: str = "merged", provider: str = "auto", threads: int = 0,
+    path: str | os.PathLike, mode: str | None = None, provider: str = "auto", threads: int = 0,
     config: ServerConfig | None = None, log_level: str = "info",
 ) -> None:
     """Load an export and serve it until SIGINT/SIGTERM; errors in the model dir raise at start.
 
     Args:
         path: one mode's directory, or an export root.
-        mode: "merged" or "factored", for an export root.
+        mode: "merged" or "factored" for an export root (None: merged); given with a mode's own
+            directory, it must be that directory's mode.
         provider: "auto", "cuda" or "cpu".
         threads: ONNX Runtime intra-op threads (0: one per core).
         config: host, port, batching and request limits.
@@ -335,6 +386,7 @@ def serve(
     import uvicorn
 
     config = config or ServerConfig()
+    sock = bind_socket(config.host, config.port)  # a taken port fails now, not after the model loads
     session_config = SessionConfig(provider=provider, intra_op_threads=threads)
     predictor = Predictor.from_pretrained(
         path, mode=mode, batch_size=config.max_batch_size, session_config=session_config
@@ -342,6 +394,7 @@ def serve(
     print(f"serving {predictor.session.path} on {predictor.provider} at http://{config.host}:{config.port}")
     app = create_app(predictor, config)
     server_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=30
+        app, host=config.host, port=config.port, log_level=log_level,
+        timeout_graceful_shutdown=config.request_timeout + config.body_timeout,
     )
-    uvicorn.Server(server_config).run()
+    uvicorn.Server(server_config).run(sockets=[sock])

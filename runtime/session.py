@@ -91,6 +91,7 @@ def resolve_export_dir(path: str | os.PathLike, mode: str | None = None) -> Path
     if not path.is_dir():
         raise ExportDirError(f"export directory not found: {path}; run `adalora-deploy export` first")
     if (path / MODEL_FILE).is_file():
+        _check_mode(path, mode)
         return path
     sub = path / (mode or "merged")
     if (sub / MODEL_FILE).is_file():
@@ -98,6 +99,16 @@ def resolve_export_dir(path: str | os.PathLike, mode: str | None = None) -> Path
     present = [m for m in MODES if (path / m / MODEL_FILE).is_file()]
     hint = f"it holds {', '.join(present)}: pass --mode {present[0]}" if present else "re-run the export"
     raise ExportDirError(f"{path} has no {MODEL_FILE} (nor {sub.name}/{MODEL_FILE}): {hint}")
+
+
+def _check_mode(model_dir: Path, mode: str | None) -> None:
+    # `serve DIR/merged --mode factored` must not silently serve the merged graph.
+    manifest = read_manifest(model_dir) if mode is not None else None
+    if manifest is not None and manifest.get("mode") not in (None, mode):
+        sibling = model_dir.parent / mode
+        raise ExportDirError(
+            f"{model_dir} holds the {manifest.get('mode')} graph, not {mode}: serve {sibling} or drop --mode"
+        )
 
 
 def read_manifest(model_dir: str | os.PathLike) -> dict | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,16 @@ def ws(tmp_path_factory, tiny_bert_dir, tiny_checkpoint, tiny_export_root) -> Pa
     (root / "cwd" / "precious.txt").write_text("the user's file")
     (root / "a-file").write_text("not a directory")
     (root / "existing-dir").mkdir()
+    broken = root / "broken"  # an export whose model.onnx is garbage: loading it fails
+    shutil.copytree(tiny_export_root / "merged", broken)
+    (broken / "model.onnx").write_bytes(b"not a protobuf")
+    listed = root / "listed"  # a manifest that is a JSON list
+    shutil.copytree(tiny_export_root / "merged", listed)
+    (listed / "adalora_manifest.json").write_text("[1, 2]")
+    untokenized = root / "untokenized"
+    shutil.copytree(tiny_export_root / "merged", untokenized)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (untokenized / name).unlink(missing_ok=True)
     return root
 
 
@@ -147,6 +158,45 @@ DEMO_CASES = {
 def test_demo_refuses(case, ws, monkeypatch, capsys):
     flags, fragment = DEMO_CASES[case]
     refuse(ws, monkeypatch, capsys, DEMO + flags, fragment)
+
+
+@pytest.fixture(scope="module")
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+SERVE_CASES = {
+    "max-wait-ms inf": (["--max-wait-ms", "inf"], "max_wait_ms (inf) must be"),
+    "max-wait-ms nan": (["--max-wait-ms", "nan"], "max_wait_ms (nan) must be"),
+    "max-wait-ms negative": (["--max-wait-ms", "-1"], "max_wait_ms (-1.0) must be"),
+    "request-timeout zero": (["--request-timeout", "0"], "request_timeout (0.0) must be"),
+    "body-timeout inf": (["--body-timeout", "inf"], "body_timeout (inf) must be"),
+    "max-batch-tokens zero": (["--max-batch-tokens", "0"], "max_batch_tokens (0) must be >= 1"),
+    "queue smaller than a request": (["--max-queue-texts", "8", "--max-texts", "64"], "max_queue_texts (8) must be"),
+    "port out of range": (["--port", "70000"], "port (70000) must be in 0..65535"),
+    "bad host": (["--host", "no.such.host.invalid", "--port", "0"], "cannot resolve --host"),
+    "merged dir served as factored": (["--mode", "factored", "--port", "0"], "holds the merged graph, not factored"),
+    "missing export dir": (["--port", "0"], "export directory not found"),
+    "manifest is a JSON list": (["--port", "0"], "holds a JSON list, not an object"),
+    "missing tokenizer": (["--port", "0"], "has no tokenizer files (tokenizer.json, vocab.txt"),
+}
+SERVE_DIRS = {"merged dir served as factored": "{ws}/onnx/merged", "missing export dir": "{ws}/nowhere",
+              "manifest is a JSON list": "{ws}/listed", "missing tokenizer": "{ws}/untokenized"}
+
+
+@pytest.mark.parametrize("case", list(SERVE_CASES))
+def test_serve_refuses(case, ws, monkeypatch, capsys):
+    flags, fragment = SERVE_CASES[case]
+    argv = ["serve", SERVE_DIRS.get(case, "{ws}/onnx"), "--provider", "cpu", *flags]
+    refuse(ws, monkeypatch, capsys, argv, fragment)
+
+
+def test_serve_checks_the_port_before_loading_the_model(ws, busy_port, monkeypatch, capsys):
+    # The model directory is broken too: the port's error comes first, so nothing was loaded.
+    refuse(ws, monkeypatch, capsys, ["serve", "{ws}/broken", "--port", busy_port], "is already in use")
 
 
 def test_the_workspace_is_what_the_cases_expect(ws):

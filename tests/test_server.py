@@ -28,6 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
+    """Poll GET /health of a `serve` subprocess until it answers 200 (fails if the process dies)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def predictor(tiny_export_root):
     return Predictor.from_pretrained(tiny_export_root, provider="cpu")
@@ -171,14 +183,7 @@ def test_sigterm_drains_in_flight_requests(tiny_export_root):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(proc, url)
         result = {}
         request = threading.Thread(
             target=lambda: result.update(r=httpx.post(f"{url}/v1/predict", json={"inputs": ["x"]}, timeout=30))

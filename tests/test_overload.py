@@ -1,0 +1,214 @@
+"""The server under overload and hostile input, over real HTTP (uvicorn on 127.0.0.1), bounded in time:
+
+- a burst of heavy requests whose clients gave up (0.2 s timeouts) is dropped, so a following small
+  request is answered within SMALL_REQUEST_BOUND_S (it waited ~1 s per abandoned request before);
+- a full queue answers 503 with Retry-After; a request past --request-timeout gets 504;
+- deeply nested JSON and huge integers get 400 and the keep-alive connection survives;
+- a client that never finishes its body gets 408 after --body-timeout;
+- the server's RSS after a burst of the largest legal requests stays within RSS_BOUND_MB of its
+  RSS after one warm-up request (the peak is bounded by --max-batch-tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adalora_deploy.runtime.predictor import Predictor, chunk_by_tokens
+from adalora_deploy.runtime.server import ServerConfig, create_app
+
+from .conftest import make_checkpoint, save_tiny_bert
+from .test_server import free_port, serving, wait_until_healthy
+
+SMALL_REQUEST_BOUND_S = 2.0
+RSS_BOUND_MB = 300
+HEAVY = {"inputs": ["lorem ipsum dolor sit amet " * 370] * 64}  # 64 x ~10,000 characters: the legal maximum
+
+
+@pytest.fixture(scope="module")
+def medium_export(tmp_path_factory) -> Path:
+    """A BERT of hidden 128 and 512 positions: a 64 x 512-token request takes about a second on two
+    cores, so that work that is not dropped shows in the timings."""
+    from adalora_deploy.exporters import export
+
+    root = tmp_path_factory.mktemp("medium")
+    base = save_tiny_bert(root / "base", hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                          max_position_embeddings=512)
+    make_checkpoint(root / "ckpt", base)
+    return Path(export(root / "ckpt", root / "onnx", mode="merged")) / "merged"
+
+
+@pytest.fixture(scope="module")
+def medium_predictor(medium_export):
+    return Predictor.from_pretrained(medium_export, provider="cpu")
+
+
+def test_chunks_hold_at_most_max_tokens_padded():
+    lengths = [3, 500, 7, 512, 512, 40, 100]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks = list(chunk_by_tokens(order, lengths, size=4, max_tokens=1024))
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for chunk in chunks:
+        assert len(chunk) <= 4 and (len(chunk) == 1 or len(chunk) * max(lengths[i] for i in chunk) <= 1024)
+    assert chunks == [[0, 2, 5, 6], [1, 3], [4]]
+
+
+def test_abandoned_heavy_requests_do_not_delay_a_small_one(medium_predictor):
+    config = ServerConfig(port=free_port(), max_wait_ms=5)
+    app = create_app(medium_predictor, config)
+    with serving(app, config) as client:
+        client.post("/v1/predict", json={"inputs": ["warm up"]})
+
+        async def abandon(n: int) -> None:
+            async with httpx.AsyncClient(base_url=str(client.base_url), timeout=0.2) as fleeting:
+                async def one():
+                    try:
+                        await fleeting.post("/v1/predict", json=HEAVY)
+                    except httpx.TimeoutException:
+                        pass
+                await asyncio.gather(*(one() for _ in range(n)))
+
+        asyncio.run(abandon(12))
+        start = time.perf_counter()
+        response = client.post("/v1/predict", json={"inputs": ["a small request"]})
+        seconds = time.perf_counter() - start
+        health = client.get("/health").json()
+    assert response.status_code == 200
+    assert seconds < SMALL_REQUEST_BOUND_S, f"the small request took {seconds:.2f} s behind abandoned work"
+    # Each of the twelve was refused at the full queue (503) or dropped unrun; at most one ran through.
+    assert health["dropped"] + health["refused"] >= 11, health
+
+
+def test_a_full_queue_answers_503_with_retry_after(predictor):
+    # The first request waits 1.5 s in the batching window, holding the whole queue (4 texts).
+    config = ServerConfig(port=free_port(), max_wait_ms=1500, max_batch_size=8, max_texts=4, max_queue_texts=4)
+    app = create_app(predictor, config)
+    with serving(app, config) as client:
+        async def both():
+            async with httpx.AsyncClient(base_url=str(client.base_url), timeout=30) as ac:
+                first = asyncio.create_task(ac.post("/v1/predict", json={"inputs": ["a", "b", "c", "d"]}))
+                while client.get("/health").json()["queued_texts"] < 4:
+                    await asyncio.sleep(0.01)
+                second = await ac.post("/v1/predict", json={"inputs": ["e"]})
+                return await first, second
+
+        first, second = asyncio.run(both())
+        after = client.post("/v1/predict", json={"inputs": ["e"]})
+    assert first.status_code == 200 and len(first.json()["predictions"]) == 4
+    assert second.status_code == 503 and int(second.headers["retry-after"]) >= 1
+    assert "server busy" in second.json()["error"]
+    assert after.status_code == 200  # room again once the first has been answered
+
+
+def test_a_request_past_its_deadline_gets_504(predictor):
+    config = ServerConfig(port=free_port(), max_wait_ms=3000, request_timeout=0.5)
+    app = create_app(predictor, config)
+    with serving(app, config) as client:
+        start = time.perf_counter()
+        response = client.post("/v1/predict", json={"inputs": ["x"]})
+        seconds = time.perf_counter() - start
+        health = client.get("/health").json()
+    assert response.status_code == 504 and "--request-timeout" in response.json()["error"]
+    assert seconds < 2.0 and health["queued_texts"] == 0
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_export_root):
+    return Predictor.from_pretrained(tiny_export_root, provider="cpu")
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("[" * 1000 + "]" * 1000, "nested deeper than"),
+        ('{"inputs": [' * 400 + "]}" * 400, "nested deeper than"),
+        ('{"inputs": ["x"], "n": ' + "9" * 100_000 + "}", "unreadable JSON"),
+        ('{"inputs": [' + "1" * 100_000 + "]}", "unreadable JSON"),
+    ],
+)
+def test_hostile_json_gets_400_and_the_connection_survives(predictor, body, fragment):
+    config = ServerConfig(port=free_port())
+    app = create_app(predictor, config)
+    with serving(app, config):
+        conn = http.client.HTTPConnection(config.host, config.port, timeout=30)
+        conn.request("POST", "/v1/predict", body=body, headers={"content-type": "application/json"})
+        bad = conn.getresponse()
+        payload = json.loads(bad.read())
+        sock = conn.sock
+        conn.request("POST", "/v1/predict", body=json.dumps({"inputs": ["fine"]}))
+        good = conn.getresponse()
+        good.read()
+        same_connection = conn.sock is sock and sock is not None
+        conn.close()
+    assert bad.status == 400 and fragment in payload["error"]
+    assert good.status == 200 and same_connection
+
+
+def test_a_stalled_body_gets_408_after_the_body_timeout(predictor):
+    config = ServerConfig(port=free_port(), body_timeout=0.5)
+    app = create_app(predictor, config)
+    with serving(app, config):
+        with socket.create_connection((config.host, config.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 1000\r\n\r\n{\"inputs\": [")
+            start = time.perf_counter()
+            reply = sock.recv(4096).decode()
+            seconds = time.perf_counter() - start
+    assert reply.startswith("HTTP/1.1 408") and seconds < 3.0, reply
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_rss_after_a_burst_stays_bounded_and_sigterm_is_prompt(medium_export):
+    port = free_port()
+    cmd = [sys.executable, "-m", "adalora_deploy", "serve", str(medium_export), "--port", str(port),
+           "--provider", "cpu", "--log-level", "warning", "--body-timeout", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    stalled = []
+    try:
+        wait_until_healthy(proc, url)
+        assert httpx.post(f"{url}/v1/predict", json=HEAVY, timeout=60).status_code == 200
+        warm = rss_mb(proc.pid)
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as ac:
+                return await asyncio.gather(*(ac.post(f"{url}/v1/predict", json=HEAVY) for _ in range(8)))
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        after = rss_mb(proc.pid)
+        # Slow clients: bodies that never finish must not hold up shutdown.
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{")
+            stalled.append(s)
+        start = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        shutdown = time.perf_counter() - start
+    finally:
+        for s in stalled:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert set(codes) <= {200, 503} and 200 in codes
+    assert after - warm < RSS_BOUND_MB, f"RSS grew from {warm:.0f} MB to {after:.0f} MB"
+    assert shutdown < 10, f"SIGTERM took {shutdown:.1f} s with stalled clients"
