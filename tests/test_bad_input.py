@@ -181,7 +181,7 @@ SERVE_CASES = {
     "merged dir served as factored": (["--mode", "factored", "--port", "0"], "holds the merged graph, not factored"),
     "missing export dir": (["--port", "0"], "export directory not found"),
     "manifest is a JSON list": (["--port", "0"], "holds a JSON list, not an object"),
-    "missing tokenizer": (["--port", "0"], "has no tokenizer files (tokenizer.json, vocab.txt"),
+    "missing tokenizer": (["--port", "0"], "has no tokenizer.json"),
 }
 SERVE_DIRS = {"merged dir served as factored": "{ws}/onnx/merged", "missing export dir": "{ws}/nowhere",
               "manifest is a JSON list": "{ws}/listed", "missing tokenizer": "{ws}/untokenized"}

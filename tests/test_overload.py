@@ -131,8 +131,8 @@ def predictor(tiny_export_root):
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ("[" * 1000 + "]" * 1000, "nested deeper than"),
-        ('{"inputs": [' * 400 + "]}" * 400, "nested deeper than"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"inputs": ' + '{"a": [' * 5000 + "]}" * 5000 + "}", "nested too deeply"),
         ('{"inputs": ["x"], "n": ' + "9" * 100_000 + "}", "unreadable JSON"),
         ('{"inputs": [' + "1" * 100_000 + "]}", "unreadable JSON"),
     ],
