@@ -5,21 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .architectures import architecture
 from .errors import ConfigError
 
 IMPORTANCE_METRICS = ("sensitivity-uncertainty", "sensitivity", "magnitude")
-
-# All attention and FFN projections, as the paper adapts (Zhang et al. 2023, Sec. 4).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "deberta-v2": [
-        "query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense",
-    ],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 
 # Trained in full beside the adapters, per task (the task head).
 DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
@@ -36,8 +25,8 @@ class AdaLoraConfig:
     """Everything the adapter and the rank allocator need.
 
     Args:
-        target_modules: module-path suffixes to adapt; None takes DEFAULT_TARGET_MODULES for the
-            model type.
+        target_modules: module-path suffixes to adapt; None takes the architecture table's defaults
+            (adalora_deploy.architectures).
         modules_to_save: module-path suffixes trained in full (the task head).
         init_r: initial rank of every adapted module.
         target_r: average final rank; the final budget is target_r * number of modules.
@@ -116,13 +105,7 @@ class AdaLoraConfig:
     def resolve_target_modules(self, model_type: str) -> list[str]:
         if self.target_modules:
             return list(self.target_modules)
-        if model_type not in DEFAULT_TARGET_MODULES:
-            known = ", ".join(sorted(DEFAULT_TARGET_MODULES))
-            raise ConfigError(
-                f"no default target modules for model type {model_type!r} (known: {known}); "
-                "pass target_modules explicitly"
-            )
-        return list(DEFAULT_TARGET_MODULES[model_type])
+        return list(architecture(model_type).target_modules)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ ADAPTER_FILE = "adapter.safetensors"  # NAME.P, NAME.lam, NAME.Q, NAME.mask + ot
 CHECKPOINT_CONFIG_FILE = "adalora_config.json"
 CHECKPOINT_FORMAT = "adalora-deploy-checkpoint"
 TRIPLET_KEYS = ("P", "lam", "Q", "mask")  # tensor suffixes of one adapted module
+FINGERPRINT_FILE = "fingerprint.safetensors"  # probe batch + the in-memory model's outputs at save time
 
 # -- a PEFT AdaLoRA adapter directory (save_pretrained), accepted by export -----------------------
 PEFT_CONFIG_FILE = "adapter_config.json"

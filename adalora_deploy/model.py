@@ -14,6 +14,7 @@ from .config import DEFAULT_MODULES_TO_SAVE, AdaLoraConfig
 from .constants import ADAPTER_FILE, CHECKPOINT_FORMAT, LABELLED_TASKS, MODEL_CONFIG_FILE, TRIPLET_KEYS
 from .constants import CHECKPOINT_CONFIG_FILE as CONFIG_FILE
 from .errors import CheckpointError, ConfigError
+from .fingerprint import save as save_fingerprint
 from .io import atomic_output_dir, load_safetensors, read_json, write_json
 from .layers import SVDLinear, orthogonal_penalty, replace_module, svd_modules
 
@@ -58,19 +59,35 @@ def auto_class(task: str):
 
 def load_base_model(name_or_path: str | None, task: str, revision: str | None = None, **kwargs) -> nn.Module:
     """A transformers model for `task`, from a local path, the packaged MiniLM, or the hub."""
+    return load_base_model_with_info(name_or_path, task, revision, **kwargs)[0]
+
+
+def load_base_model_with_info(
+    name_or_path: str | None, task: str, revision: str | None = None, **kwargs,
+) -> tuple[nn.Module, list[str]]:
+    """`load_base_model`, and the paths of the modules that loading left newly initialised (weights
+    absent from the base checkpoint: a task head, DistilBERT's pre_classifier, DeBERTa's pooler)."""
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: the head is trained
     try:
-        return auto_class(task).from_pretrained(path, revision=revision, **kwargs)
+        model, info = auto_class(task).from_pretrained(path, revision=revision, output_loading_info=True, **kwargs)
     except OSError as err:
         raise CheckpointError(
             f"could not load model {name_or_path!r} ({err}); without network access pass a local path"
         ) from err
     finally:
         hf_logging.set_verbosity(verbosity)
+    return model, new_modules(model, info["missing_keys"])
+
+
+def new_modules(model: nn.Module, missing_keys: list[str]) -> list[str]:
+    """Module paths owning the parameters in `missing_keys` (buffers ignored), in registration order."""
+    params = dict(model.named_parameters())
+    owners = {key.rpartition(".")[0] for key in missing_keys if key in params}
+    return [name for name, _ in model.named_modules() if name in owners]
 
 
 def _matches(name: str, suffix: str) -> bool:
@@ -93,24 +110,41 @@ def _find_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return sorted(set(found), key=order.index)
 
 
-def _find_modules_to_save(model: nn.Module, names: list[str] | None, task: str) -> list[str]:
-    explicit = names is not None
-    names = names if explicit else DEFAULT_MODULES_TO_SAVE.get(task, [])
+def _find_modules_to_save(model: nn.Module, names: list[str] | None, task: str, found: list[str] | None) -> list[str]:
+    """`found` (the modules loading left newly initialised; None when the model was passed in built, and
+    then the task's usual head names) plus the explicit `names`, each of which must match."""
     all_names = [n for n, _ in model.named_modules()]
-    found = []
-    for suffix in names:
+    if found is None:
+        found = [n for suffix in DEFAULT_MODULES_TO_SAVE.get(task, []) for n in all_names if _matches(n, suffix)]
+    found = list(dict.fromkeys(found))
+    for suffix in names or []:
         hits = [n for n in all_names if _matches(n, suffix)]
-        if explicit and not hits:
-            raise ConfigError(f"modules_to_save entry {suffix!r} matches no module of {type(model).__name__}")
+        if not hits:
+            raise ConfigError(
+                f"modules_to_save entry {suffix!r} matches no module of {type(model).__name__}; "
+                f"module names look like: {', '.join(all_names[1:7])}"
+            )
         found.extend(h for h in hits if h not in found)
-    return found
+    # A module inside another saved one is saved with it.
+    return [n for n in found if not any(n.startswith(other + ".") for other in found)]
 
 
 class AdaLoraModel(nn.Module):
     """A transformers model whose target layers are SVDLinear adapters; everything else frozen
     except `modules_to_save`. Calling it calls the wrapped model."""
 
-    def __init__(self, model: nn.Module, config: AdaLoraConfig, task: str, base_model: dict | None = None):
+    def __init__(
+        self, model: nn.Module, config: AdaLoraConfig, task: str, base_model: dict | None = None,
+        new_modules: list[str] | None = None,
+    ):
+        """Args:
+            model: the transformers model (adapted in place).
+            config: the AdaLoRA config.
+            task: the task id.
+            base_model: {"name_or_path", "revision"} recorded in the checkpoint.
+            new_modules: modules that loading the base left newly initialised (trained in full and
+                saved); None when unknown, which takes the task's usual head names instead.
+        """
         super().__init__()
         self.model = model
         self.config = config
@@ -121,7 +155,7 @@ class AdaLoraModel(nn.Module):
         for name in _find_targets(model, targets):
             adapter = SVDLinear(model.get_submodule(name), config.init_r, config.scaling, config.dropout)
             replace_module(model, name, adapter)
-        self.modules_to_save = _find_modules_to_save(model, config.modules_to_save, task)
+        self.modules_to_save = _find_modules_to_save(model, config.modules_to_save, task, new_modules)
         self.adapters: dict[str, SVDLinear] = svd_modules(model)
         self._freeze()
 
@@ -188,6 +222,7 @@ class AdaLoraModel(nn.Module):
             "model_type": mc.model_type,
             "task": self.task,
             "num_labels": getattr(mc, "num_labels", None),
+            "pad_token_id": getattr(mc, "pad_token_id", None),
             "id2label": {str(k): v for k, v in getattr(mc, "id2label", {}).items()} if self.task in LABELLED_TASKS else None,
             "adalora": self.config.to_dict(),
             "target_modules": self.target_modules,
@@ -203,13 +238,15 @@ class AdaLoraModel(nn.Module):
         self, out: str | os.PathLike, tokenizer=None, steps_done: int = 0, extra: dict | None = None,
         overwrite: bool = False,
     ) -> Path:
-        """Write the checkpoint directory atomically: adapter.safetensors, adalora_config.json,
-        and the tokenizer files when a tokenizer is given."""
+        """Write the checkpoint directory atomically: adapter.safetensors, adalora_config.json, the
+        reload fingerprint of the model as it is in memory now, and the tokenizer files when a
+        tokenizer is given."""
         from safetensors.torch import save_file
 
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             save_file(self.adapter_state_dict(), str(tmp / ADAPTER_FILE))
-            write_json(tmp / CONFIG_FILE, self.checkpoint_config(steps_done, extra))
+            fingerprint = save_fingerprint(self.model, tmp)
+            write_json(tmp / CONFIG_FILE, self.checkpoint_config(steps_done, {"fingerprint": fingerprint, **(extra or {})}))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         return Path(out)
@@ -231,6 +268,8 @@ class AdaLoraModel(nn.Module):
         if meta["task"] in LABELLED_TASKS:
             id2label = {int(k): v for k, v in meta["id2label"].items()}
             kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        if meta.get("pad_token_id") is not None:
+            kwargs["pad_token_id"] = meta["pad_token_id"]  # e.g. EOS, chosen at training (use_eos_as_pad)
         model = load_base_model(base_info["name_or_path"], meta["task"], base_info.get("revision"), **kwargs)
         if type(model).__name__ != meta["architecture"]:
             raise CheckpointError(
@@ -238,7 +277,7 @@ class AdaLoraModel(nn.Module):
                 f"{type(model).__name__}: pass the matching base with --base"
             )
         config = AdaLoraConfig.from_dict(meta["adalora"])
-        adapted = cls(model, config, meta["task"], base_info)
+        adapted = cls(model, config, meta["task"], base_info, new_modules=meta["modules_to_save"])
         adapted.load_adapter_state(state, source=str(checkpoint))
         return adapted
 
@@ -285,12 +324,13 @@ def prepare_model(
 
     Args:
         model_name_or_path: a path, hub id, None for the packaged MiniLM, or an nn.Module.
-        config: the AdaLoRA config.
-        task: "sequence-classification" or "feature-extraction".
+        config: the AdaLoRA config; its modules_to_save are trained in full on top of every module
+            that loading the base leaves newly initialised (for an nn.Module: the task's usual head).
+        task: a task id (constants.py).
         model_kwargs: passed to from_pretrained (num_labels, id2label, ...).
     """
     if isinstance(model_name_or_path, nn.Module):
         return AdaLoraModel(model_name_or_path, config, task)
-    model = load_base_model(model_name_or_path, task, revision, **model_kwargs)
+    model, new = load_base_model_with_info(model_name_or_path, task, revision, **model_kwargs)
     name = model_name_or_path or PACKAGED_MINILM
-    return AdaLoraModel(model, config, task, {"name_or_path": name, "revision": revision})
+    return AdaLoraModel(model, config, task, {"name_or_path": name, "revision": revision}, new_modules=new)

@@ -7,22 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .architectures import module_labels
 from .constants import ADAPTER_FILE
 from .errors import CheckpointError
 from .io import IMAGE_SUFFIXES, atomic_write, check_output_file, load_safetensors
 from .model import read_checkpoint_config
 
-# Short column names for the default target-module suffixes of each architecture; any other
-# suffix is shown as it is.
-TYPE_LABELS = {
-    "query": "query", "key": "key", "value": "value",
-    "attention.output.dense": "attn-out", "intermediate.dense": "ffn-in", "output.dense": "ffn-out",
-    "query_proj": "query", "key_proj": "key", "value_proj": "value",
-    "q_lin": "query", "k_lin": "key", "v_lin": "value", "out_lin": "attn-out", "lin1": "ffn-in", "lin2": "ffn-out",
-    "c_attn": "qkv", "attn.c_proj": "attn-out", "c_fc": "ffn-in", "mlp.c_proj": "ffn-out",
-    "q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attn-out",
-    "gate_proj": "ffn-gate", "up_proj": "ffn-up", "down_proj": "ffn-down",
-}
+# Short column names of the target-module suffixes in the architecture table; any other suffix is
+# shown as it is.
+TYPE_LABELS = module_labels()
 NO_LAYER = "-"
 
 

@@ -55,6 +55,8 @@ class TrainConfig:
         init_r, target_r, alpha, tinit, tfinal, delta_t, orth_reg, importance: as in AdaLoraConfig;
             tinit/tfinal/delta_t default to 10% / 30% / 1% of `steps`.
         target_modules: module-path suffixes to adapt; None takes the architecture's defaults.
+        modules_to_save: module-path suffixes trained in full and saved, on top of every module that
+            loading the base leaves newly initialised (the task head, DistilBERT's pre_classifier, ...).
         task: sequence-classification, token-classification, question-answering or causal-lm
             (data formats in docs/tasks.md).
         out: checkpoint directory; None trains without writing one.
@@ -78,6 +80,7 @@ class TrainConfig:
     orth_reg: float = 0.1
     importance: str = "sensitivity-uncertainty"
     target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
     task: str = "sequence-classification"
     out: str | None = None
     overwrite: bool = False
@@ -100,7 +103,7 @@ class TrainConfig:
 
     def adalora_config(self) -> AdaLoraConfig:
         return AdaLoraConfig(
-            target_modules=self.target_modules, init_r=self.init_r, target_r=self.target_r, alpha=self.alpha,
+            target_modules=self.target_modules, modules_to_save=self.modules_to_save, init_r=self.init_r, target_r=self.target_r, alpha=self.alpha,
             tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t, orth_reg=self.orth_reg,
             importance=self.importance, total_step=self.steps,
         )
@@ -186,9 +189,11 @@ def _prepare(cfg: TrainConfig, train_set) -> tuple[AdaLoraModel, object]:
     if cfg.task in LABELLED_TASKS:
         labels = {"num_labels": train_set.num_labels, "id2label": train_set.id2label, "label2id": train_set.label2id}
     model = prepare_model(cfg.model, cfg.adalora_config(), cfg.task, **labels)
+    if model.modules_to_save:
+        print(f"note: trained in full beside the adapter: {', '.join(model.modules_to_save)}")
     tokenizer = load_base_tokenizer(cfg.model)
-    if cfg.task == "causal-lm":
-        use_eos_as_pad(tokenizer, model.model.config)
+    use_eos_as_pad(tokenizer, model.model.config)
+    fit_tokenizer_inputs(tokenizer, model.model)
     if cfg.task == "token-classification" and not _takes_words(tokenizer):
         # Byte-level BPE (GPT-2, RoBERTa) marks word starts with a space: words need add_prefix_space.
         tokenizer = load_base_tokenizer(cfg.model, add_prefix_space=True)
@@ -205,12 +210,26 @@ def _takes_words(tokenizer) -> bool:
 
 def use_eos_as_pad(tokenizer, config) -> None:
     """Decoders often ship without a pad token: pad with EOS (padding is masked out anyway), in the
-    tokenizer and in config.json, so that batched generation and exports agree."""
+    tokenizer and in the model config (saved as the checkpoint's pad_token_id and in every exported
+    config.json), so that batches, sequence-classification heads and exports agree."""
+    config_pad = getattr(config, "pad_token_id", None)
+    if tokenizer.pad_token is None and config_pad is not None and 0 <= config_pad < len(tokenizer):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config_pad)  # the id the model was built with
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         print(f"note: the tokenizer has no pad token; using EOS {tokenizer.eos_token!r} as the pad token")
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
+
+
+def fit_tokenizer_inputs(tokenizer, model: torch.nn.Module) -> None:
+    """Make the tokenizer produce only what the model reads: no token_type_ids for a model without
+    token types (DistilBERT, decoders, DeBERTaV3's type_vocab_size 0). Saved with the tokenizer, so the
+    export, the Predictor and pipelines feed the same inputs."""
+    takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
+    if not takes_types or not getattr(model.config, "type_vocab_size", 0):
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+        tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # written to tokenizer_config.json
 
 
 def load_base_tokenizer(name_or_path: str | None, **kwargs):
@@ -330,6 +349,8 @@ def _save(result: TrainResult, cfg: TrainConfig, tokenizer, source: str, rank: i
             "eval_accuracy": result.eval_accuracy, "eval_examples": result.eval_examples,
             "eval_source": result.eval_source, "train_source": source, "world_size": world,
             "train_seconds": round(result.train_seconds, 3), "train": cfg.run_summary(),
+            "pad_token": {"token": tokenizer.pad_token, "id": tokenizer.pad_token_id,
+                          "is_eos": tokenizer.pad_token is not None and tokenizer.pad_token == tokenizer.eos_token},
         }
         result.model.save_pretrained(out, tokenizer, steps_done=cfg.steps, extra=extra, overwrite=cfg.overwrite)
     if world > 1:

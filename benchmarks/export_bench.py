@@ -121,11 +121,11 @@ def naive_factored(checkpoint: Path, work: Path, config) -> tuple[Path, dict]:
     """The pruned factored graph fused as exported, branches left in place: what the fusions lose."""
     import onnx
 
+    from adalora_deploy.architectures import ARCHITECTURES
     from adalora_deploy.exporters import graph as graphs
-    from adalora_deploy.exporters.specs import ARCHITECTURES
 
     raw = export(checkpoint, work / "raw", mode="factored", prune_ranks=True, optimize=False, validate=False)
-    fused, counts = graphs.optimize(onnx.load(str(raw / "factored" / "model.onnx")), ARCHITECTURES["bert"], config,
+    fused, counts = graphs.optimize(onnx.load(str(raw / "factored" / "model.onnx")), ARCHITECTURES["bert"].fusion, config,
                                     "MultiHeadAttention", has_branches=False)
     graphs.save(fused, work / "naive.onnx")
     return work / "naive.onnx", {k: v for k, v in counts.items() if v}
@@ -136,12 +136,13 @@ def latency_graphs(checkpoint: Path, work: Path, timed: dict[str, dict]) -> tupl
     import onnx
     from transformers import AutoConfig
 
+    from adalora_deploy.architectures import ARCHITECTURES
     from adalora_deploy.exporters import graph as graphs
-    from adalora_deploy.exporters.specs import ARCHITECTURES, FusionSpec
+    from adalora_deploy.exporters.specs import FusionSpec
 
     plain = export(checkpoint, work / "plain", mode="merged", prune_ranks=True, optimize=False, validate=False)
     plain_onnx, config = plain / "merged" / "model.onnx", AutoConfig.from_pretrained(plain / "merged")
-    full, _ = graphs.optimize(onnx.load(str(plain_onnx)), ARCHITECTURES["bert"], config, "Attention", has_branches=False,
+    full, _ = graphs.optimize(onnx.load(str(plain_onnx)), ARCHITECTURES["bert"].fusion, config, "Attention", has_branches=False,
                               fusions=FusionSpec(raw_attention_mask=True, skip_layer_norm=True))
     graphs.save(full, work / "full.onnx")
     naive, naive_ops = naive_factored(checkpoint, work, config)

@@ -16,19 +16,13 @@ import torch
 
 from adalora_deploy.constants import PAST_PREFIX
 
-from .validate import CASES, InputCase, Probe, make_inputs
+from .validate import CASES, InputCase, Probe, make_inputs, position_ids
 
 NEW_TOKENS = 3  # tokens fed with a past in the decode check
 
 
 def past_names(input_names: list[str]) -> list[str]:
     return [n for n in input_names if n.startswith(PAST_PREFIX)]
-
-
-def position_ids(mask: np.ndarray) -> np.ndarray:
-    """transformers' generate(): cumsum(mask) - 1, and 1 on padded positions."""
-    positions = np.cumsum(mask, axis=-1) - 1  # (B, T)
-    return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
 def empty_past(runner, batch: int) -> dict[str, np.ndarray]:

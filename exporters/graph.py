@@ -198,7 +198,7 @@ def optimize(model: onnx.ModelProto, arch, config, attention_op: str, has_branch
 
     Args:
         model: the exported graph (labelled branches if `has_branches`).
-        arch: the architecture's optimizer declaration (specs.ARCHITECTURES).
+        arch: the architecture's optimizer declaration (adalora_deploy.architectures).
         config: the transformers config (heads, hidden size).
         attention_op: "Attention" or "MultiHeadAttention".
         has_branches: set the low-rank branches aside during fusion, then put them back.

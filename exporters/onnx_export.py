@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from torch import nn
 
+from adalora_deploy.architectures import Fusion
 from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from adalora_deploy.io import atomic_output_dir, check_output_dir, read_json, write_json
 from adalora_deploy.layers import svd_modules
@@ -58,14 +59,13 @@ from .specs import (
     FUSIONS,
     MIN_OPSET,
     PRUNE_ATOL,
-    ArchitectureSpec,
     DtypeSpec,
     ExportMode,
     FusionSpec,
     TaskSpec,
-    architecture_spec,
     dtype_spec,
     export_modes,
+    fusion_declaration,
     task_spec,
 )
 from .validate import OrtRunner, Probe, ValidationReport, plain_probes
@@ -117,7 +117,7 @@ class Plan:
     model: nn.Module  # transformers model with SVDLinear adapters
     pruned: PrunedAdapter | None
     opset: int
-    arch: ArchitectureSpec | None  # None: no fusion pass
+    arch: Fusion | None  # None: no fusion pass
     tokenizer: object
     fusion_skipped: str | None = None  # why fusion was skipped although --optimize asked for it
 
@@ -194,17 +194,49 @@ def make_plan(source: Source, request: ExportRequest) -> Plan:
         )
     pruned = prune(source.model.adapter_state_dict()) if request.prune_ranks else None
     model = pruned_model(source.model.model, pruned).eval() if pruned else source.model.model
-    arch, skipped = None, None
-    if request.optimize and task.with_past:
-        # The offline fusions are declared for encoders; a decoder with past key values keeps its graph
-        # and leaves fusing to ONNX Runtime's session-time optimizer.
-        skipped = f"ONNX Runtime's offline transformer fusions do not apply to {task.name} (a decoder with past key values)"
-        log.info("fusion skipped: %s", skipped)
-    elif request.optimize:
-        arch = architecture_spec(model.config.model_type)
+    arch, skipped = _fusion(model.config.model_type, task, request.optimize)
     opset = request.opset or _default_opset(task.module(model), task)
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     return Plan(source, task, model, pruned, opset, arch, tokenizer, skipped)
+
+
+def _fusion(model_type: str, task: TaskSpec, optimize: bool) -> tuple[Fusion | None, str | None]:
+    """The fusion declaration to apply, or (None, why fusion is skipped although --optimize asked)."""
+    if not optimize:
+        return None, None
+    if task.with_past:
+        # The offline fusions are declared for encoders; a decoder with past key values keeps its graph
+        # and leaves fusing to ONNX Runtime's session-time optimizer.
+        skipped = f"ONNX Runtime's offline transformer fusions do not apply to {task.name} (a decoder with past key values)"
+    else:
+        fusion, skipped = fusion_declaration(model_type)
+        if fusion is not None:
+            return fusion, None
+    log.info("fusion skipped: %s", skipped)
+    return None, skipped
+
+
+def _onnx_configs(module: nn.Module, plan: Plan) -> dict | None:
+    """Optimum's own OnnxConfig, except that a decoder's feature-extraction graph takes no position_ids:
+    ORTModelForFeatureExtraction and the pipeline never feed them, and without them the model numbers
+    the positions 0..T-1, right for the right-padded batches a tokenizer makes."""
+    from optimum.exporters.tasks import TasksManager
+
+    if plan.task.name != "feature-extraction":
+        return None
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx", model=module, task=plan.task.optimum_task, library_name="transformers"
+    )
+    config = constructor(module.config)
+    if "position_ids" not in config.inputs:
+        return None
+
+    class WithoutPositions(type(config)):
+        @property
+        def inputs(self):
+            return {k: v for k, v in super().inputs.items() if k != "position_ids"}
+
+    return {"model": WithoutPositions(module.config, task=plan.task.optimum_task)}
 
 
 def _optimum_export(module: nn.Module, out_dir: Path, plan: Plan) -> None:
@@ -214,7 +246,7 @@ def _optimum_export(module: nn.Module, out_dir: Path, plan: Plan) -> None:
         with _quiet_exporter():
             onnx_export_from_model(
                 module, output=out_dir, task=plan.task.optimum_task, opset=plan.opset,
-                do_validation=False, no_post_process=True,
+                do_validation=False, no_post_process=True, custom_onnx_configs=_onnx_configs(module, plan),
             )
     except (ValueError, RuntimeError, KeyError) as err:
         raise ExportError(f"Optimum's ONNX export failed: {err}") from err
@@ -224,6 +256,8 @@ def export_mode(plan: Plan, mode: ExportMode, out_dir: Path, request: ExportRequ
     """Trace one mode's module to out_dir/model.onnx, fused and cast as asked."""
     start = time.perf_counter()
     module = plan.task.module(mode.transform(plan.model))
+    # config.json names the class that loads this graph's weights (the base's config says e.g. BertModel).
+    module.config.architectures = [type(module).__name__]
     with _step(f"{mode.name}: ONNX export (Optimum, opset {plan.opset})"):
         _optimum_export(module, out_dir, plan)
     graph = onnx.load(str(out_dir / MODEL_FILE))
@@ -315,6 +349,8 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
                           plan.pruned is not None),
         "fusion_skipped": plan.fusion_skipped,
         "source": {"kind": source.kind, "path": str(source.path), **source_hash(source.files)},
+        # the reloaded model against the outputs the trained model recorded when it was saved
+        "reload_fingerprint": source.fingerprint,
         "base_model": model.base_model,
         "architecture": type(plan.task.module(model.model)).__name__,
         "model_type": model.model.config.model_type,

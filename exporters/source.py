@@ -16,6 +16,7 @@ from adalora_deploy.constants import (
 )
 from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE as CONFIG_FILE
 from adalora_deploy.errors import CheckpointError
+from adalora_deploy.fingerprint import verify as verify_fingerprint
 from adalora_deploy.model import AdaLoraModel, resolve_model_path
 from adalora_deploy.peft_import import load_peft_adapter
 
@@ -30,6 +31,8 @@ class Source:
         model: the adapted model (unpruned, masks applied), in eval mode.
         files: the files whose sha256 identifies the source (weights and config).
         tokenizer_dir: where the tokenizer files are (the checkpoint, else the base model).
+        fingerprint: how the reloaded model reproduced the outputs recorded at save time (None when the
+            source has no fingerprint: PEFT adapters, checkpoints of earlier releases).
     """
 
     kind: str
@@ -37,6 +40,7 @@ class Source:
     model: AdaLoraModel
     files: list[Path]
     tokenizer_dir: str
+    fingerprint: dict | None = None
 
     @property
     def task(self) -> str:
@@ -63,12 +67,13 @@ def load_source(checkpoint: str | os.PathLike, base: str | None = None) -> Sourc
     if (path / CONFIG_FILE).is_file():
         model = AdaLoraModel.from_pretrained(path, base=base).eval()
         kind, files = CHECKPOINT_FORMAT, [path / ADAPTER_FILE, path / CONFIG_FILE]
+        fingerprint = verify_fingerprint(model.model, path)
     elif (path / PEFT_CONFIG_FILE).is_file():
-        model = load_peft_adapter(path, base=base)
+        model, fingerprint = load_peft_adapter(path, base=base), None
         kind, files = PEFT_SOURCE_KIND, [path / PEFT_WEIGHTS_FILE, path / PEFT_CONFIG_FILE]
     else:
         raise CheckpointError(
             f"{path} is neither an adalora-deploy checkpoint ({CONFIG_FILE}) nor a PEFT adapter "
             f"({PEFT_CONFIG_FILE}): pass the directory written by `adalora-deploy train` or PEFT's save_pretrained"
         )
-    return Source(kind, path, model.requires_grad_(False), files, _tokenizer_dir(path, model))
+    return Source(kind, path, model.requires_grad_(False), files, _tokenizer_dir(path, model), fingerprint)

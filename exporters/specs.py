@@ -1,6 +1,7 @@
-"""Declarations of what an export can be: tasks, architectures, dtypes and modes (STYLE.md #6).
+"""Declarations of what an export can be: tasks, dtypes and modes (STYLE.md #6); the model families
+are declared in adalora_deploy.architectures.
 
-Adding a task, an architecture or a mode means adding one entry here; the export code reads these
+Adding a task or a mode means adding one entry here; the export code reads these
 tables and holds no per-mode or per-task branches of its own.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from adalora_deploy.architectures import ARCHITECTURES, Fusion
 
 from .errors import ExportError
 from .factored import factored_model, merged_model
@@ -68,22 +71,6 @@ TASKS = {
         "causal-lm", "text-generation-with-past", "ORTModelForCausalLM", "text-generation", ("logits",),
         needs_head=True, with_past=True,
     ),
-}
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """How ONNX Runtime's transformer optimizer handles a model type."""
-
-    ort_model_type: str  # onnxruntime.transformers.optimizer model_type
-    num_heads_attr: str = "num_attention_heads"
-    hidden_size_attr: str = "hidden_size"
-
-
-ARCHITECTURES = {
-    "bert": ArchitectureSpec("bert"),
-    "roberta": ArchitectureSpec("bert"),
-    "distilbert": ArchitectureSpec("bert", num_heads_attr="n_heads", hidden_size_attr="dim"),
 }
 
 
@@ -184,13 +171,16 @@ def dtype_spec(dtype: str) -> DtypeSpec:
     return _choose(DTYPES, dtype, "dtype", "--dtype")
 
 
-def architecture_spec(model_type: str) -> ArchitectureSpec:
+def fusion_declaration(model_type: str) -> tuple[Fusion | None, str | None]:
+    """(ONNX Runtime's fusion declaration, None) for a family it applies to, else (None, why not).
+
+    Families outside the architecture table get no fusion either: exporting them still works when
+    Optimum can trace them.
+    """
     if model_type not in ARCHITECTURES:
-        raise ExportError(
-            f"ONNX Runtime's transformer optimizer is not declared for model type {model_type!r} "
-            f"(declared: {', '.join(ARCHITECTURES)}): pass --no-optimize"
-        )
-    return ARCHITECTURES[model_type]
+        return None, f"model type {model_type!r} is not in the architecture table"
+    row = ARCHITECTURES[model_type]
+    return row.fusion, row.no_fusion
 
 
 def export_modes(mode: str) -> list[ExportMode]:

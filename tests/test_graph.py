@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adalora_deploy.architectures import ARCHITECTURES
 from adalora_deploy.exporters import export
 from adalora_deploy.exporters import graph as graphs
-from adalora_deploy.exporters.specs import ARCHITECTURES
 
 from .conftest import ID2LABEL, make_checkpoint
 
@@ -58,7 +58,7 @@ def plain(tmp_path_factory, tiny_bert_dir, tiny_export_root) -> dict[str, onnx.M
     out = tmp_path_factory.mktemp("plain")
     onnx_export_from_model(model, output=out, task="text-classification", opset=opset, do_validation=False)
     unoptimized = onnx.load(str(out / "model.onnx"))
-    fused, _ = graphs.optimize(onnx.load(str(out / "model.onnx")), ARCHITECTURES["bert"], model.config,
+    fused, _ = graphs.optimize(onnx.load(str(out / "model.onnx")), ARCHITECTURES["bert"].fusion, model.config,
                                "Attention", has_branches=False)
     for graph in (unoptimized, fused):
         graphs.residual_adds_as_sum(graph)  # as the export does for fp32 graphs

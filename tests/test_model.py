@@ -93,7 +93,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_bert_dir):
     x = torch.randint(0, 30522, (2, 11))
     torch.testing.assert_close(loaded(input_ids=x).logits, saved(input_ids=x).logits, atol=0, rtol=0)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
-        ["adapter.safetensors", "adalora_config.json", "special_tokens_map.json", "tokenizer.json",
+        ["adapter.safetensors", "adalora_config.json", "fingerprint.safetensors", "special_tokens_map.json", "tokenizer.json",
          "tokenizer_config.json", "vocab.txt"]
     )
 

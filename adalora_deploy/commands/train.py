@@ -40,6 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-modules", type=_module_list, default=None,
                    help="comma-separated module-path suffixes to adapt (default: the architecture's "
                    "attention and FFN projections)")
+    p.add_argument("--modules-to-save", type=_module_list, default=None,
+                   help="comma-separated module-path suffixes trained in full and saved, beyond the modules that "
+                   "loading the base leaves newly initialised (those are always trained: the task head, "
+                   "DistilBERT's pre_classifier, DeBERTa's pooler)")
     p.add_argument("--task", default="sequence-classification",
                    help="sequence-classification (text, label), token-classification (tokens, tags), "
                    "question-answering (question, context, answer_text, answer_start) or causal-lm (text, or "
