@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adalora_deploy.constants import ADAPTER_FILE, MODEL_FILE, MODES
+from adalora_deploy.constants import ADAPTER_FILE, FINGERPRINT_FILE, MODEL_FILE, MODES
 from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE as CHECKPOINT_CONFIG
 from adalora_deploy.constants import MODEL_CONFIG_FILE as CONFIG_FILE
 from adalora_deploy.errors import CheckpointError
@@ -120,6 +120,9 @@ def zero_adapter_checkpoint(checkpoint: Path, out: Path) -> Path:
     meta["ranks"] = {name: 0 for name in meta.get("ranks", {})}
     meta["budget"] = 0
     meta["adapter_params_after"] = 0
+    # Not the trained model any more: its reload fingerprint would (rightly) refuse the export.
+    (out / FINGERPRINT_FILE).unlink(missing_ok=True)
+    meta.pop("fingerprint", None)
     write_json(out / CHECKPOINT_CONFIG, meta)
     return out
 
