@@ -213,6 +213,21 @@ def _label_kwargs(adapter: PeftAdapter, base_path: str) -> dict:
     return {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
 
 
+def _check_nothing_random(adapter: PeftAdapter, new_modules: list[str], path) -> None:
+    """Refuse an adapter whose model needs modules that loading the base initialises at random and that
+    PEFT did not save (DeBERTa's pooler and DistilBERT's pre_classifier under PEFT's default
+    modules_to_save): exporting it would serve weights that no training produced."""
+    saved = adapter.head_modules
+    unsaved = [m for m in new_modules if not any(m == h or m.startswith(h + ".") for h in saved)]
+    if unsaved:
+        names = ", ".join(unsaved)
+        raise CheckpointError(
+            f"{path}: the PEFT adapter does not hold {names}, which the base model lacks, so loading would draw "
+            f"them at random and the export would serve untrained weights; re-train with PEFT's "
+            f"modules_to_save={sorted(set(saved) | {m.rpartition('.')[0] or m for m in unsaved})!r}"
+        )
+
+
 def our_config(adapter: PeftAdapter) -> AdaLoraConfig:
     """Our AdaLoraConfig for the adapter: alpha is set so that alpha / init_r equals PEFT's s."""
     c = adapter.config
@@ -235,7 +250,7 @@ def load_peft_adapter(path: str | os.PathLike, base: str | None = None):
     Returns:
         An AdaLoraModel in eval mode, with masks from rank_pattern and the saved head loaded.
     """
-    from .model import load_base_model, prepare_model, resolve_model_path
+    from .model import load_base_model_with_info, prepare_model, resolve_model_path
 
     adapter = read_peft_adapter(path)
     name = base or adapter.config.get("base_model_name_or_path")
@@ -243,7 +258,8 @@ def load_peft_adapter(path: str | os.PathLike, base: str | None = None):
         raise CheckpointError(f"{path}: adapter_config.json names no base model: pass --base")
     revision = None if base else adapter.config.get("revision")
     kwargs = _label_kwargs(adapter, resolve_model_path(name))
-    model = load_base_model(name, adapter.task, revision, **kwargs)
+    model, new = load_base_model_with_info(name, adapter.task, revision, **kwargs)
+    _check_nothing_random(adapter, new, path)
     adapted = prepare_model(model, our_config(adapter), adapter.task)
     adapted.base_model = {"name_or_path": name, "revision": revision}
     adapted.load_adapter_state(adapter.tensors, source=str(path))
