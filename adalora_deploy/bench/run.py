@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -217,11 +218,10 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
     import platform
 
     import onnxruntime
-    import torch
-    import transformers
 
     from adalora_deploy import __version__
 
+    torch = sys.modules.get("torch")  # loaded only when the PyTorch variant runs; the base install has none
     ort_providers = sorted({v.provider for v in variants if v.name != "pytorch"})
     return {
         "source": str(source), "command": command,
@@ -229,7 +229,7 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
         "device": device_name(any(p.startswith("CUDA") for p in ort_providers)),
         "provider": ", ".join(ort_providers), "providers": {v.name: v.provider for v in variants},
         "threads": {"ort_intra_op": config.threads, "ort_inter_op": 1, "ort_spinning": False,
-                    "torch": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+                    "torch": torch.get_num_threads() if torch else None, "cpu_count": os.cpu_count()},
         # every ONNX variant, Optimum's plain export included, gets the same session options
         "ort_session": {"graph_optimization": "all",
                         "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS) if ort_providers == [CPU_EP] else []},
@@ -237,7 +237,7 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
         "batch_sizes": config.batch_sizes, "seq_lens": config.seq_lens,
         "versions": {
             "adalora_deploy": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": _dist_version("torch"), "transformers": _dist_version("transformers"),
             "optimum": _dist_version("optimum"), "optimum-onnx": _dist_version("optimum-onnx"),
             "onnx": _dist_version("onnx"), "numpy": np.__version__,
         },
@@ -258,6 +258,10 @@ def device_name(cuda: bool) -> str:
     import platform
 
     if cuda:
+        from adalora_deploy.extras import missing
+
+        if missing(("torch",)):
+            return "CUDA GPU"
         import torch
 
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CUDA GPU"
@@ -296,8 +300,15 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
 
     if is_checkpoint(source):
         return export_all(source, workdir, config.dtype, export_fn, config.int8, config.eval_data), source
+    from adalora_deploy.extras import EXTRAS, missing
+
     dirs = dirs_in_export(source)
-    return dirs, source_checkpoint(dirs)
+    checkpoint = source_checkpoint(dirs)
+    if checkpoint is not None and missing(EXTRAS["train"]):
+        print(f"bench: the PyTorch variant ({checkpoint}) is left out: it needs pip install 'adalora-deploy[train]'",
+              file=sys.stderr)
+        checkpoint = None
+    return dirs, checkpoint
 
 
 def refuse_generation(source: Path) -> None:

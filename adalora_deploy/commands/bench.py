@@ -50,10 +50,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _require_extras(args: argparse.Namespace) -> None:
+    """An export directory is timed with the base install; a checkpoint or --int8 exports first."""
+    from pathlib import Path
+
+    from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE
+    from adalora_deploy.extras import require
+
+    if (Path(args.source) / CHECKPOINT_CONFIG_FILE).is_file():
+        require("export", "bench on a checkpoint (it exports every variant first)")
+    if args.int8:
+        require("export", "bench --int8")
+    if args.plot:
+        require("all", "bench --plot", ("matplotlib",))
+
+
 def run(args: argparse.Namespace) -> int:
     from adalora_deploy.bench.markdown import console_summary
     from adalora_deploy.bench.run import BenchConfig, run_bench
 
+    _require_extras(args)
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads ({args.threads}) must be >= 1")
     kwargs = {"threads": args.threads} if args.threads else {}

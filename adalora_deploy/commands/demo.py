@@ -38,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extras import require
+
+    require("all", "demo")
     from dataclasses import fields
 
     from ..demo import DemoConfig, demo, format_demo_summary

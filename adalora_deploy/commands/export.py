@@ -64,6 +64,9 @@ def _show_progress() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from adalora_deploy.extras import require
+
+    require("export", "export")
     from adalora_deploy.exporters import export
 
     _show_progress()

@@ -22,6 +22,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extras import require
+
+    require("train", "inspect")
+    if args.plot:
+        require("train", "inspect --plot", ("matplotlib",))
     from ..io import IMAGE_SUFFIXES, check_output_file
     from ..rank_report import format_rank_summary, format_table, plot_heatmap, rank_report
 

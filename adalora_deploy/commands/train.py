@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extras import require
+
+    require("train", "train")
     # Before torch loads OpenMP: with the default busy-waiting, a CPU shared with other processes
     # made 2-thread training steps ~10x slower than 1 thread; passive waiting removes that.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
