@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from adalora_deploy.errors import ConfigError
 
 
-
 class RequestError(Exception):
     """A bad request: its HTTP status and a message for the client (and optional headers)."""
 
