@@ -1,5 +1,10 @@
 """Importance-driven rank allocation: sensitivity/uncertainty EMAs, triplet scores, the cubic budget,
-and exact top-b masking (DESIGN.md, "The method").
+and exact top-b masking (docs/method.md, Eqs. 7-12).
+
+The score of triplet i of a module (P: d_out x r, Q: r x d_in) is
+
+    S_i = s(lam_i) + (1/d_out) sum_j s(P[j, i]) + (1/d_in) sum_j s(Q[i, j]),   s(w) = Ibar(w) * Ubar(w)
+    Ibar = b1 Ibar + (1 - b1) I,   Ubar = b2 Ubar + (1 - b2) |I - Ibar|,   I(w) = |w * dL/dw|
 
 The per-step path is vectorised and never synchronises with the device: the EMAs are a handful of
 `torch._foreach_*` calls over all adapter tensors, the budget is computed on the host from the step
@@ -23,7 +28,7 @@ PHASES = ("warmup", "budgeting", "final")
 
 
 def budget_schedule(step: int, total_step: int, tinit: int, tfinal: int, b0: int, bT: int) -> int:
-    """The number of triplets kept after optimizer step `step` (DESIGN.md's cubic schedule).
+    """The number of triplets kept after optimizer step `step` (the cubic schedule, docs/method.md Eq. 12).
 
     b0 while step <= tinit; bT once step > total_step - tfinal; in between
     bT + (b0 - bT) * (1 - (step - tinit) / (total_step - tfinal - tinit))^3, truncated with int()

@@ -1,4 +1,4 @@
-"""Typed, validated configuration for AdaLoRA training (see DESIGN.md, "The method")."""
+"""Typed, validated configuration for AdaLoRA training (the method: docs/method.md)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class AdaLoraConfig:
 
     @property
     def scaling(self) -> float:
-        """s = alpha / init_r (DESIGN.md); unchanged by pruning."""
+        """s = alpha / init_r (docs/method.md); unchanged by pruning."""
         return self.alpha / self.init_r
 
     def resolve_target_modules(self, model_type: str) -> list[str]:

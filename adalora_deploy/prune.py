@@ -1,6 +1,6 @@
 """Pruning: drop the masked triplets of a checkpoint and slice P and Q to each module's effective rank.
 
-`prune` is a plain function over the checkpoint's tensors (DESIGN.md, "Stages and artifacts"):
+`prune` is a plain function over the checkpoint's tensors (docs/formats.md):
 
     NAME.P (d_out, r)  NAME.lam (r)  NAME.Q (r, d_in)  NAME.mask (r)   ->   the kept triplets only
 

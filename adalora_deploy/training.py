@@ -2,7 +2,7 @@
 under torchrun), and a Hugging Face `Trainer` integration (`AdaLoraTrainer`, `AdaLoraCallback`).
 
 Both add gamma * orth_penalty to the task loss and run the rank allocator once per optimizer step,
-after optimizer.step() and before zero_grad(), on the gradients that step used (DESIGN.md).
+after optimizer.step() and before zero_grad(), on the gradients that step used (docs/method.md).
 """
 
 from __future__ import annotations

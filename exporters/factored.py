@@ -1,4 +1,4 @@
-"""The two module transforms the exporter traces: merged and factored (DESIGN.md, "Factored graph rules").
+"""The two module transforms the exporter traces: merged and factored (docs/method.md, "Pruning and export").
 
 Both take a transformers model whose adapted layers are SVDLinear (pruned or not) and return a
 plain copy that TorchScript can trace; neither mutates its input.

@@ -1,4 +1,4 @@
-"""adalora_manifest.json: what an export directory holds, written beside model.onnx (STYLE.md #5)."""
+"""adalora_manifest.json: what an export directory holds, written beside model.onnx (docs/formats.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Declarations of what an export can be: tasks, dtypes and modes (STYLE.md #6); the model families
+"""Declarations of what an export can be: tasks, dtypes and modes; the model families
 are declared in adalora_deploy.architectures.
 
 Adding a task or a mode means adding one entry here; the export code reads these

@@ -1,4 +1,4 @@
-"""Checks every export against PyTorch (STYLE.md #7): output names, shapes and values, on generated
+"""Checks every export against PyTorch: output names, shapes and values, on generated
 inputs of several batch sizes and sequence lengths, padded on either side. Every failure is collected;
 `ValidationReport.raise_if_failed` then raises one ExportValidationError that lists them all.
 """

@@ -79,7 +79,7 @@ def test_phases_and_allocation_steps_with_delta_t():
 
 
 def two_steps_by_hand(mods, steps, metric):
-    """The DESIGN.md formulas, written out per tensor, for two EMA steps from zero.
+    """The docs/method.md formulas, written out per tensor, for two EMA steps from zero.
 
     `steps` holds, per step, {module: {"P"|"lam"|"Q": (weight, grad)}} as the allocator saw them.
     """

