@@ -330,3 +330,53 @@ def test_http_stream_stops_generating_when_the_client_goes_away(trained):
             assert json.loads(next(r.iter_lines()))["index"] == 0
         time.sleep(2.5)
         assert len(produced) < 40, len(produced)
+
+
+DECODER_FAMILIES = {  # model type: (config class, model class, extra config, adapted projections)
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None},
+                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"]),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),  # fused
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}, ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(DECODER_FAMILIES))
+def test_decoder_families_export_with_cache_and_generate_like_transformers(tmp_path, family):
+    """More decoder families (grouped-query attention, fused qkv in Phi-3, Gemma's scaled embeddings):
+    a checkpoint with non-zero adapters and pruned triplets, exported merged and factored, generates
+    the same greedy tokens as transformers."""
+    import transformers
+
+    from adalora_deploy.config import AdaLoraConfig
+    from adalora_deploy.model import AdaLoraModel
+
+    from .tiny_decoders import bpe_tokenizer
+
+    config_cls, model_cls, extra, targets = DECODER_FAMILIES[family]
+    tokenizer = bpe_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, eos_token_id=eos, bos_token_id=eos, pad_token_id=eos,
+        **extra)
+    torch.manual_seed(0)
+    getattr(transformers, model_cls)(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = AdaLoraModel(getattr(transformers, model_cls).from_pretrained(tmp_path / "base"),
+                         AdaLoraConfig(target_modules=targets, init_r=4, target_r=2, alpha=8), "causal-lm",
+                         {"name_or_path": str(tmp_path / "base"), "revision": None})
+    with torch.no_grad():
+        for adapter in model.adapters.values():  # trained-looking: non-zero lam, one triplet masked
+            adapter.lam.normal_(0.0, 0.5)
+            adapter.mask[0], adapter.lam[0] = False, 0.0
+    model.eval().save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)
+    root = export(tmp_path / "ckpt", tmp_path / "onnx", prune_ranks=True)
+    tokenizer.pad_token = tokenizer.eos_token
+    want = [_strip(w, eos) for w in _reference_generate(model.model, tokenizer, PROMPTS)]
+    for mode in ("merged", "factored"):
+        got = Predictor.from_pretrained(root, mode=mode, provider="cpu").generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+        assert [g["token_ids"] for g in got] == want, mode
