@@ -90,15 +90,17 @@ def new_modules(model: nn.Module, missing_keys: list[str]) -> list[str]:
     return [name for name, _ in model.named_modules() if name in owners]
 
 
-def _matches(name: str, suffix: str) -> bool:
-    return name == suffix or name.endswith("." + suffix)
+def module_matches(path: str, suffix: str) -> bool:
+    """Whether module `path` is `suffix` or ends in it at a dot boundary ("layer.0.query" matches "query",
+    not "uery"): how target and saved module names are matched everywhere."""
+    return path == suffix or path.endswith("." + suffix)
 
 
 def _find_targets(model: nn.Module, targets: list[str]) -> list[str]:
     linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
     found, missing = [], []
     for suffix in targets:
-        hits = [n for n in linear if _matches(n, suffix)]
+        hits = [n for n in linear if module_matches(n, suffix)]
         (found.extend(hits) if hits else missing.append(suffix))
     if missing:
         examples = ", ".join(sorted(linear)[:6])
@@ -115,10 +117,10 @@ def _find_modules_to_save(model: nn.Module, names: list[str] | None, task: str, 
     then the task's usual head names) plus the explicit `names`, each of which must match."""
     all_names = [n for n, _ in model.named_modules()]
     if found is None:
-        found = [n for suffix in DEFAULT_MODULES_TO_SAVE.get(task, []) for n in all_names if _matches(n, suffix)]
+        found = [n for suffix in DEFAULT_MODULES_TO_SAVE.get(task, []) for n in all_names if module_matches(n, suffix)]
     found = list(dict.fromkeys(found))
     for suffix in names or []:
-        hits = [n for n in all_names if _matches(n, suffix)]
+        hits = [n for n in all_names if module_matches(n, suffix)]
         if not hits:
             raise ConfigError(
                 f"modules_to_save entry {suffix!r} matches no module of {type(model).__name__}; "

@@ -11,7 +11,7 @@ from .architectures import module_labels
 from .constants import ADAPTER_FILE
 from .errors import CheckpointError
 from .io import IMAGE_SUFFIXES, atomic_write, check_output_file, load_safetensors
-from .model import read_checkpoint_config
+from .model import module_matches, read_checkpoint_config
 
 # Short column names of the target-module suffixes in the architecture table; any other suffix is
 # shown as it is.
@@ -54,14 +54,10 @@ class RankReport:
         }
 
 
-def _has_suffix(path: str, suffix: str) -> bool:
-    return path == suffix or path.endswith("." + suffix)
-
-
 def module_type(path: str, target_modules: list[str]) -> str:
     """The target-module suffix `path` was adapted for: the longest that matches, because
     'attention.output.dense' also ends in 'output.dense'. Returns its TYPE_LABELS name."""
-    hits = [s for s in target_modules if _has_suffix(path, s)]
+    hits = [s for s in target_modules if module_matches(path, s)]
     if not hits:
         return path.rpartition(".")[2]
     suffix = max(hits, key=len)

@@ -213,9 +213,8 @@ def export_all(
 def factored_name(manifest: dict | None) -> str:
     """factored_pruned or factored_unpruned, from what the manifest says about pruning."""
     manifest = manifest or {}
-    for key in ("pruned", "prune_ranks"):
-        if key in manifest:
-            return "factored_pruned" if manifest[key] else "factored_unpruned"
+    if "pruned" in manifest:
+        return "factored_pruned" if manifest["pruned"] else "factored_unpruned"
     before, after = manifest.get("ranks_before") or {}, manifest.get("ranks_after") or {}
     return "factored_pruned" if before and after != before else "factored_unpruned"
 
@@ -246,12 +245,10 @@ def source_checkpoint(model_dirs: dict) -> Path | None:
     """The checkpoint an export came from, when its manifest names one that still exists."""
     for model_dir in model_dirs.values():
         manifest = read_manifest(model_dir) or {}
-        for key in ("source", "source_checkpoint", "checkpoint"):
-            value = manifest.get(key)
-            if isinstance(value, dict):
-                value = value.get("path")
-            if isinstance(value, str) and is_checkpoint(value):
-                return Path(value)
+        source = manifest.get("source")
+        value = source.get("path") if isinstance(source, dict) else None
+        if isinstance(value, str) and is_checkpoint(value):
+            return Path(value)
     return None
 
 
