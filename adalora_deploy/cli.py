@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -32,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     from .io import signals_as_exit
 
     args = build_parser().parse_args(argv)
+    # Before torch loads OpenMP (every command imports it lazily): with OpenMP's default
+    # busy-waiting, threads that wait for a core taken by another process spin away the time
+    # slices the working threads need, and training steps collapsed (13x slower beside two busy
+    # processes on 2 cores); passive waiting makes them degrade with the load. A user's own
+    # setting wins (README, "Threads").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # SIGTERM/SIGHUP unwind like an error, so temporary outputs are removed; the server handles
     # its own signals (uvicorn drains in-flight requests).
     handle_signals = signals_as_exit() if args.command != "serve" else contextlib.nullcontext()

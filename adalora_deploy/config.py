@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .architectures import architecture
@@ -62,6 +63,7 @@ class AdaLoraConfig:
         self.validate()
 
     def validate(self) -> None:
+        self._check_types()
         if self.init_r < 1:
             raise ConfigError(f"init_r ({self.init_r}) must be >= 1")
         if not 0 <= self.target_r <= self.init_r:
@@ -85,6 +87,23 @@ class AdaLoraConfig:
             raise ConfigError(f"tinit ({self.tinit}) and tfinal ({self.tfinal}) must be >= 0")
         if self.total_step is not None:
             self.check_schedule(self.total_step)
+
+    def _check_types(self) -> None:
+        # A hand-edited checkpoint config must fail here in one line, not deep in torch.
+        for name in ("init_r", "target_r", "tinit", "tfinal", "delta_t", "total_step"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (name == "total_step" and value is None):
+                raise ConfigError(f"{name} ({value!r}) must be an integer")
+        for name in ("alpha", "dropout", "beta1", "beta2", "orth_reg"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"{name} ({value!r}) must be a finite number")
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{name} ({value!r}) must be a list of module-name strings")
+        if not isinstance(self.importance, str) or not isinstance(self.extra, dict):
+            raise ConfigError(f"importance ({self.importance!r}) must be a string and extra a JSON object")
 
     def check_schedule(self, total_step: int) -> None:
         """Raise ValueError unless the budgeting phase (tinit, T - tfinal] is non-empty."""
@@ -112,8 +131,30 @@ class AdaLoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> AdaLoraConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"the AdaLoRA config must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown AdaLoRA config keys: {', '.join(unknown)}")
         return cls(**data)
+
+
+def max_positions(model_config: dict) -> int | None:
+    """Most tokens a model takes, from its config.json: max_position_embeddings (less the padding
+    offset of RoBERTa-style embeddings) or n_positions; None when the config does not bound it
+    (relative positions, or no such field)."""
+    if model_config.get("position_biased_input") is False:  # DeBERTa-v2: relative positions only
+        return None
+    n = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    return n - 2 if model_config.get("model_type") in ("roberta", "xlm-roberta", "camembert") else n
+
+
+def check_token_lengths(lengths: dict[str, int], model_config: dict, model: str) -> None:
+    """Refuse token lengths (flag name -> value) above what `model` can take, before any work."""
+    limit = max_positions(model_config)
+    for flag, value in lengths.items():
+        if limit is not None and value > limit:
+            raise ConfigError(f"{flag} {value} is above the {limit} positions of model {model}: use at most {limit}")

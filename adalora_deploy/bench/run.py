@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adalora_deploy.config import check_token_lengths
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.runtime.session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
 
@@ -363,6 +364,7 @@ def run_bench(
         vocab = model_config(dirs).get("vocab_size") or (model.model.config.vocab_size if model else None)
         if not vocab:
             raise ExportDirError(f"{source}: config.json has no vocab_size to draw token ids from; re-export it")
+        check_token_lengths({"--seq-lens": max(config.seq_lens)}, model_config(dirs), str(source))  # before timing
         cells = measure_grid(variants, config, int(vocab))
         int8_figures = int8_evaluation(dirs)  # read before the temporary exports go
     flops = {s: count_flops(model, s).to_dict() for s in config.seq_lens} if model is not None else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def _module_list(value: str) -> list[str]:
@@ -57,9 +56,6 @@ def run(args: argparse.Namespace) -> int:
     from ..extras import require
 
     require("train", "train")
-    # Before torch loads OpenMP: with the default busy-waiting, a CPU shared with other processes
-    # made 2-thread training steps ~10x slower than 1 thread; passive waiting removes that.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ..training import TRAIN_FLAGS, train
 
     result = train(**{name: getattr(args, name) for name in TRAIN_FLAGS})
