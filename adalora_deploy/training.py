@@ -96,7 +96,7 @@ class TrainConfig:
         if self.data in BUILTIN_SETS and self.task != "sequence-classification":
             raise ConfigError(f"--task {self.task} needs its own --data file (see docs/tasks.md for the columns)")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr ({self.lr}) must be a finite number > 0, e.g. 1e-3 for adapters")
+            raise ConfigError(f"lr ({self.lr}) must be > 0 and finite, e.g. 1e-3 for adapters")
         # Defaults that scale with the run length: warm up on 10%, fix the mask for the last 30%.
         self.tinit = round(0.1 * self.steps) if self.tinit is None else self.tinit
         self.tfinal = round(0.3 * self.steps) if self.tfinal is None else self.tfinal

@@ -137,8 +137,8 @@ TRAIN_CASES = {
     "parent of out is read-only": (["--out", "/proc/adalora-ckpt"], "cannot write in /proc"),
     "non-empty out without overwrite": (["--out", "{ws}/runs/ckpt"], "exists and is not empty"),
     # bad input
-    "lr inf": (["--lr", "inf", "--out", "{ws}/new"], "lr (inf) must be a finite number > 0"),
-    "lr nan": (["--lr", "nan", "--out", "{ws}/new"], "lr (nan) must be a finite number > 0"),
+    "lr inf": (["--lr", "inf", "--out", "{ws}/new"], "lr (inf) must be > 0 and finite"),
+    "lr nan": (["--lr", "nan", "--out", "{ws}/new"], "lr (nan) must be > 0 and finite"),
     "alpha nan": (["--alpha", "nan", "--out", "{ws}/new"], "alpha (nan) must be a finite number"),
     "alpha inf": (["--alpha", "inf", "--out", "{ws}/new"], "alpha (inf) must be a finite number"),
     "orth-reg nan": (["--orth-reg", "nan", "--out", "{ws}/new"], "orth_reg (nan) must be a finite number"),

@@ -151,9 +151,9 @@ def test_heldout_split_default_size_and_too_small(tmp_path):
     train, held = heldout_split(ds)
     assert (len(train), len(held)) == (45, 5)
     assert not set(train.texts) & set(held.texts)
-    tiny = load_dataset(write_csv(tmp_path / "one.csv", [("only", "0")]))
+    tiny = load_dataset(write_csv(tmp_path / "two.csv", [("only", "0"), ("other", "1")]))  # one class is refused
     with pytest.raises(DataError, match="too few to hold out"):
-        heldout_split(tiny)
+        heldout_split(tiny, size=2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
