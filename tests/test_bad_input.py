@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,8 @@ def refuse(ws: Path, monkeypatch, capsys, argv: list, fragment: str) -> None:
     """Run the CLI in `ws/cwd` and assert the refusal contract."""
     monkeypatch.chdir(ws / "cwd")
     before = tree(ws)
-    tmp_before = set(Path("/tmp").glob("adalora-*"))
+    scratch = Path(tempfile.mkdtemp(prefix="bad-input-scratch-"))  # the command's $TMPDIR, watched alone
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     code = main([str(a).replace("{ws}", str(ws)) for a in argv])
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
@@ -116,7 +118,8 @@ def refuse(ws: Path, monkeypatch, capsys, argv: list, fragment: str) -> None:
     assert "Traceback" not in err
     assert fragment in lines[-1], lines[-1]
     assert tree(ws) == before, "the workspace changed"
-    assert set(Path("/tmp").glob("adalora-*")) <= tmp_before, "a temporary directory was left in /tmp"
+    assert list(scratch.iterdir()) == [], "a temporary file or directory was left behind"
+    scratch.rmdir()
 
 
 TRAIN = ["train", "--model", "{ws}/model", "--data", "{ws}/data/good.csv", "--steps", "10"]
