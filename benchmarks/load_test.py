@@ -4,7 +4,10 @@ Starts the server as a subprocess on 127.0.0.1 (a free port), then for each conc
 that many client coroutines, each sending one request after another, until --requests requests
 are done or --duration seconds have passed (bounded in count and in time). Texts are real Rotten
 Tomatoes snippets. Reports requests/s, texts/s, p50/p90/p99 latency and errors per level, plus
-the server's own batching counters; exits 1 if any request failed.
+the server's own batching counters and its resident memory (RSS) before the first level and after
+the last; exits 1 if any request failed. With --predictor-baseline it then stops the server and
+times the Predictor in this process on the same texts at each level's mean server batch size, so
+that the server's throughput can be read as a ratio of what the model itself sustains.
 
     .venv/bin/python benchmarks/load_test.py EXPORT_DIR --concurrency 1,8,32 --requests 400 \
         --duration 60 --json benchmarks/load_test.json --markdown benchmarks/load_test.md
@@ -42,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="server's ONNX Runtime intra-op threads")
     p.add_argument("--provider", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predictor-baseline", action="store_true",
+                   help="after the levels, time the Predictor alone at each level's mean batch size")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--markdown", help="write the results as markdown")
     return p.parse_args(argv)
@@ -68,6 +73,35 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
            "--max-texts", str(max(64, args.texts_per_request)), "--log-level", "warning"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process `pid` in MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def predictor_texts_per_s(args: argparse.Namespace, texts: list[str], batch: int, calls: int = 60) -> float:
+    """Texts/s of Predictor.predict alone on `batch` snippets per call (median call time), with the
+    server's provider and threads."""
+    from adalora_deploy.runtime.predictor import Predictor
+    from adalora_deploy.runtime.session import SessionConfig
+
+    predictor = Predictor.from_pretrained(
+        args.dir, mode=args.mode, batch_size=batch,
+        session_config=SessionConfig(provider=args.provider, intra_op_threads=args.threads),
+    )
+    for i in range(5):
+        predictor.predict(texts[i * batch:(i + 1) * batch])
+    seconds = []
+    for i in range(calls):
+        k = (i * batch) % (len(texts) - batch)
+        t0 = time.perf_counter()
+        predictor.predict(texts[k:k + batch])
+        seconds.append(time.perf_counter() - t0)
+    return batch / float(np.median(seconds))
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> dict:
@@ -136,12 +170,19 @@ def render_markdown(result: dict) -> str:
         "| concurrency | requests | errors | seconds | requests/s | texts/s | p50 ms | p90 ms | p99 ms | inputs/batch |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    baseline = "predictor_texts_per_s" in result["levels"][0]
+    if baseline:
+        rows[0] += " Predictor texts/s at that batch | server / Predictor |"
+        rows[1] += "---:|---:|"
     for r in result["levels"]:
         rows.append(
             f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['seconds']:.1f} | {r['requests_per_s']:.1f} | "
             f"{r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.2f} |"
+            + (f" {r['predictor_texts_per_s']:.1f} (batch {r['predictor_batch']}) | {r['ratio_to_predictor']:.2f} |"
+               if baseline else "")
         )
     s = result["server_stats"]
+    rss = result.get("server_rss_mb", {})
     return "\n".join([
         "# adalora-deploy serve: load test (loopback)", "",
         f"- command: `{h['command']}`", f"- date: {h['date']}", f"- machine: {h['machine']}",
@@ -154,6 +195,8 @@ def render_markdown(result: dict) -> str:
         f"Server counters over the whole run (warm-up included): {s['requests']} requests in {s['batches']} "
         f"batches, {s['inputs'] / max(s['batches'], 1):.2f} inputs per batch on average, largest "
         f"{s['largest_batch']}.", "",
+        f"Server RSS: {rss.get('before')} MB after start-up and warm-up, {rss.get('after')} MB after the last level.",
+        "",
         f"Errors in total: {sum(r['errors'] for r in result['levels'])}.", "",
     ])
 
@@ -169,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_server(args, port)
     try:
         health = wait_ready(proc, url)
+        rss_before = rss_mb(proc.pid)
         results = []
         for c in levels:
             results.append(asyncio.run(run_level(url, c, texts, args)))
@@ -176,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"concurrency {c:>3}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
                   f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}", flush=True)
         stats = httpx.get(f"{url}/health", timeout=10).json()
+        rss_after = rss_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    if args.predictor_baseline:  # the server is gone: the Predictor has the machine to itself
+        for r in results:
+            batch = max(1, round(r["mean_batch"] or 1))
+            r["predictor_batch"] = batch
+            r["predictor_texts_per_s"] = predictor_texts_per_s(args, texts, batch)
+            r["ratio_to_predictor"] = r["texts_per_s"] / r["predictor_texts_per_s"]
     result = {
         "header": {
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -191,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "levels": results,
         "server_stats": {k: stats[k] for k in ("requests", "inputs", "batches", "largest_batch")},
+        "server_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1)},
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
