@@ -49,8 +49,6 @@ class Architecture:
         fusion: ONNX Runtime's offline fusions, or None where they do not apply (the export then
             skips fusion by itself and records `fusion_skipped` in the manifest).
         no_fusion: why fusion does not apply (None when it does).
-        head_reads_eos: the classification head pools the hidden state at the EOS token, so every
-            input row must contain one (BART-style heads).
     """
 
     model_type: str
@@ -60,7 +58,6 @@ class Architecture:
     new_modules: tuple[str, ...]
     fusion: Fusion | None = None
     no_fusion: str | None = None
-    head_reads_eos: bool = False
 
     def __post_init__(self) -> None:
         assert (self.fusion is None) != (self.no_fusion is None), self.model_type

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from .architectures import ARCHITECTURES
 from .constants import FINGERPRINT_FILE
 from .errors import CheckpointError
 
@@ -24,7 +23,7 @@ OUTPUT_PREFIX = "output."
 
 def probe_batch(config) -> dict[str, torch.Tensor]:
     """A fixed batch every model of `config`'s shape accepts: ids spread over the vocabulary (never the pad
-    or EOS id), the second row padded, and a closing EOS where the head reads it."""
+    or EOS id), the second row padded."""
     batch, seq = PROBE_SHAPE
     pad = getattr(config, "pad_token_id", None) or 0
     eos = getattr(config, "eos_token_id", None)
@@ -34,9 +33,6 @@ def probe_batch(config) -> dict[str, torch.Tensor]:
     ids = torch.tensor(allowed)[picks].reshape(batch, seq)  # (B, T)
     mask = torch.ones(batch, seq, dtype=torch.long)  # (B, T)
     mask[1, seq // 2:] = 0
-    row = ARCHITECTURES.get(config.model_type)
-    if row is not None and row.head_reads_eos:
-        ids[0, -1] = ids[1, seq // 2 - 1] = eos
     return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
 
 

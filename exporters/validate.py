@@ -53,10 +53,7 @@ def position_ids(mask: np.ndarray) -> np.ndarray:
 def make_inputs(case: InputCase, config, input_names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
     """Random token ids with the case's padding, for the graph's input names, as the model expects them:
     padding with the config's pad id, segment ids only where the model has token types
-    (type_vocab_size > 0; DeBERTaV3 has none), position ids from the mask, and an EOS closing every
-    row when the head reads the EOS token (BART)."""
-    from adalora_deploy.architectures import ARCHITECTURES
-
+    (type_vocab_size > 0; DeBERTaV3 has none) and position ids from the mask."""
     rng = np.random.default_rng(seed)
     shape = (case.batch, case.seq)
     mask = _attention_mask(case)
@@ -64,10 +61,6 @@ def make_inputs(case: InputCase, config, input_names: list[str], seed: int = 0) 
     # Real tokens are never pad or EOS: decoder heads find a row's last token by looking for the pad id.
     allowed = np.setdiff1d(np.arange(config.vocab_size), [pad, getattr(config, "eos_token_id", None) or pad])
     ids = allowed[rng.integers(0, len(allowed), shape)].astype(np.int64)  # (B, T)
-    row = ARCHITECTURES.get(config.model_type)
-    if row is not None and row.head_reads_eos:
-        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # each row's last real position
-        ids[np.arange(case.batch), last] = config.eos_token_id
     values = {"input_ids": np.where(mask == 1, ids, pad), "attention_mask": mask,
               "position_ids": position_ids(mask)}
     types = getattr(config, "type_vocab_size", 0) or 0
