@@ -26,6 +26,20 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers' settings, + "mo
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
+# -- many adapters on one base graph (docs/adapter_pack.md) -------------------------------------
+ADAPTER_MODE = "adapter"  # export OUT/: an adapter pack (factors + head), no graph
+MULTI_MODE = "multi"  # export OUT/multi/: one base graph, adapter factors and heads as run-time inputs
+SERVE_MODES = (*MODES, MULTI_MODE)
+ADAPTER_PACK_FILE = "adapter_pack.safetensors"  # MODULE.down (d_in, r), MODULE.up (r, d_out), head tensors
+ADAPTER_MANIFEST_FILE = "adapter_manifest.json"
+ADAPTER_PACK_FORMAT = "adalora-deploy-adapter-pack"
+# graph inputs of a multi graph besides the tokenizer's
+ADAPTER_INDEX_INPUT = "adapter_index"  # (batch,) int64: which stacked adapter each row uses
+HEAD_WEIGHT_INPUT = "head.weight"  # (adapters, max num_labels, hidden)
+HEAD_BIAS_INPUT = "head.bias"  # (adapters, max num_labels)
+DOWN_SUFFIX = ".down"  # "<module>.down": (adapters, d_in, max rank at that module)
+UP_SUFFIX = ".up"  # "<module>.up": (adapters, max rank at that module, d_out)
+
 # -- graph input/output names of a causal LM with a KV cache ---------------------------------------
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."

@@ -25,12 +25,20 @@ import onnx
 from torch import nn
 
 from adalora_deploy.architectures import Fusion
-from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from adalora_deploy.constants import (
+    ADAPTER_MODE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    MULTI_MODE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 from adalora_deploy.io import atomic_output_dir, check_output_dir, read_json, write_json
 from adalora_deploy.layers import svd_modules
 from adalora_deploy.prune import PrunedAdapter, prune, pruned_model
 
 from . import graph as graphs
+from .adapter_pack import export_adapter
 from .decoder import decoder_probes
 from .errors import ExportError
 from .manifest import (
@@ -40,6 +48,7 @@ from .manifest import (
     package_versions,
     source_hash,
 )
+from .multi import export_multi
 from .quantize import (
     DEFAULT_MAX_ACCURACY_DROP,
     EvalSet,
@@ -449,6 +458,15 @@ def _export_into(tmp: Path, source: Source, request: ExportRequest) -> None:
         _finish(plan, result, report, request)
 
 
+def _check_plain_flags(mode: str, **flags) -> None:
+    # --mode adapter and multi write fp32 packs and graphs of the sequence classifier; nothing else applies.
+    defaults = {"dtype": "fp32", "opset": None, "task": None, "quantize": None, "eval_data": None}
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v != defaults[k] and
+             not (k == "task" and v == "sequence-classification")]
+    if given:
+        raise ExportError(f"--mode {mode} does not take {', '.join(given)}: drop them")
+
+
 def export(
     checkpoint: str | os.PathLike, out: str | os.PathLike, *, mode: str = "both", prune_ranks: bool = False,
     dtype: str = "fp32", opset: int | None = None, optimize: bool = True, task: str | None = None,
@@ -464,7 +482,8 @@ def export(
     Args:
         checkpoint: an adalora-deploy checkpoint directory or a PEFT AdaLoRA adapter directory.
         out: the export directory; written atomically, nothing is left on error.
-        mode: "merged", "factored" or "both".
+        mode: "merged", "factored" or "both"; "adapter" writes an adapter pack into `out` and "multi" the
+            multi-adapter base graph into `out`/multi (docs/adapter_pack.md).
         prune_ranks: drop masked triplets and slice P/Q to each module's effective rank first.
         dtype: "fp32" or "fp16" (fp16 is for GPUs).
         opset: ONNX opset; None takes Optimum's recommendation for the architecture (at least 17).
@@ -484,6 +503,11 @@ def export(
     Returns:
         `out` as a Path.
     """
+    if mode in (ADAPTER_MODE, MULTI_MODE):
+        _check_plain_flags(mode, dtype=dtype, opset=opset, task=task, quantize=quantize, eval_data=eval_data)
+        if mode == ADAPTER_MODE:
+            return export_adapter(checkpoint, out, prune_ranks=prune_ranks, base=base, overwrite=overwrite)
+        return export_multi(checkpoint, out, base=base, overwrite=overwrite, validate_graph=validate)
     request = ExportRequest(
         tuple(export_modes(mode)), prune_ranks, dtype_spec(dtype), opset, optimize, task, validate,
         quantize_spec(quantize) if quantize is not None else None, eval_data, max_accuracy_drop, quantize_branches,

@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adalora_deploy.constants import CAUSAL_LM, FEATURE_EXTRACTION, QUESTION_ANSWERING, TOKEN_CLASSIFICATION
+from adalora_deploy.constants import (
+    ADAPTER_INDEX_INPUT,
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    MULTI_MODE,
+    QUESTION_ANSWERING,
+    TOKEN_CLASSIFICATION,
+)
 from adalora_deploy.constants import MODEL_CONFIG_FILE as CONFIG_FILE
 from adalora_deploy.constants import SEQUENCE_CLASSIFICATION as CLASSIFICATION
 from adalora_deploy.errors import CheckpointError, ConfigError
 from adalora_deploy.io import read_json
 
 from . import token_tasks
+from .adapters import AdapterRegistry
 from .generate import GenerationConfig, Generator
 from .session import (
     ExportDirError,
@@ -77,6 +85,9 @@ class Predictions:
     labels: list[str] = field(default_factory=list)
     embeddings: np.ndarray | None = None
     items: list[dict] | None = None  # token classification and question answering: one record per input
+    # multi graphs: each row's adapter and its labels; logits beyond a row's num_labels are -inf
+    adapters: list[str] | None = None
+    row_id2label: list[dict[int, str]] | None = None
 
     def __len__(self) -> int:
         if self.items is not None:
@@ -90,6 +101,13 @@ class Predictions:
             return self.items
         if self.task == FEATURE_EXTRACTION:
             return [{"embedding": e.tolist()} for e in self.embeddings]
+        if self.adapters is not None:
+            return [
+                {"adapter": adapter, "label": label,
+                 "scores": {name: float(probs[i]) for i, name in id2label.items()}}
+                for adapter, label, probs, id2label in zip(
+                    self.adapters, self.labels, self.probabilities, self.row_id2label, strict=True)
+            ]
         names = [self.id2label.get(i, str(i)) for i in range(self.probabilities.shape[1])]
         return [
             {"label": label, "scores": dict(zip(names, map(float, probs), strict=True))}
@@ -153,6 +171,8 @@ class Predictor:
         self.task = detect_task(session, manifest)
         self._generator: Generator | None = None
         self.id2label = {int(k): v for k, v in (model_config.get("id2label") or {}).items()}
+        multi = (manifest or {}).get("mode") == MULTI_MODE
+        self.adapters = AdapterRegistry(manifest, session.to_device if session.on_cuda else None) if multi else None
         # Fast (Rust) tokenizers raise "Already borrowed" when one instance is used by two threads.
         self._tokenizer_lock = threading.Lock()
 
@@ -225,9 +245,42 @@ class Predictor:
             batch["attention_mask"] = (batch["input_ids"] != pad_id).astype(np.int64)
         return batch
 
+    # -- adapters (multi graphs: export --mode multi) ----------------------------------------------
+
+    def _registry(self) -> AdapterRegistry:
+        if self.adapters is None:
+            raise ConfigError(f"{self.session.path} is not a multi-adapter graph: export one with --mode multi")
+        return self.adapters
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> dict:
+        """Load the adapter pack at `path` under `name` (replacing one of that name) while predictions run.
+
+        Returns its description (ranks, task, labels). Raises AdapterPackError for a corrupt pack or one
+        made for another base model; the adapters already loaded stay as they were.
+        """
+        return self._registry().load(name, path).describe()
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving `name`; batches already running finish with it. UnknownAdapterError if absent."""
+        self._registry().unload(name)
+
+    def list_adapters(self) -> list[dict]:
+        return self._registry().describe()
+
+    def _adapter_names(self, adapter, n: int) -> list[str] | None:
+        if self.adapters is None:
+            if adapter is not None:
+                raise ConfigError(f"{self.session.path} serves one model: drop adapter= (or serve a multi graph)")
+            return None
+        names = [adapter] * n if isinstance(adapter, str) else list(adapter or [])
+        if len(names) != n or not all(isinstance(a, str) for a in names):
+            raise ConfigError(f"adapter= must be one adapter name or one name per input ({n} inputs)")
+        return names
+
     def predict(
         self, inputs: TextInput | Sequence[TextInput], batch_size: int | None = None,
         max_batch_tokens: int | None = None, should_stop: Callable[[], bool] | None = None,
+        adapter: str | Sequence[str] | None = None,
     ) -> Predictions:
         """Predict for one input or a list of them.
 
@@ -239,6 +292,8 @@ class Predictor:
             max_batch_tokens: most padded tokens (rows x longest row) in one model call; bounds
                 the activation memory of a batch of long texts (None: batch_size alone).
             should_stop: asked before each model call; True raises PredictionCancelled.
+            adapter: multi graphs only: the adapter every input uses, or one adapter name per input
+                (rows of different adapters share batches).
 
         Returns:
             Predictions in input order.
@@ -247,6 +302,10 @@ class Predictor:
             inputs = [inputs]
         if len(inputs) == 0:
             raise ConfigError("no inputs: pass at least one text")
+        names = self._adapter_names(adapter, len(inputs))
+        state = self.adapters.state if names is not None else None  # one consistent view for the whole call
+        if state is not None:
+            state.index(names)  # an unknown name fails before any work
         if self.task == CAUSAL_LM:
             raise ConfigError("this export is a causal LM: call generate() (POST /v1/generate), not predict()")
         if self.task in (TOKEN_CLASSIFICATION, QUESTION_ANSWERING):
@@ -259,8 +318,11 @@ class Predictor:
         for chunk in chunk_by_tokens(order, lengths, batch_size or self.batch_size, max_batch_tokens):
             if should_stop is not None and should_stop():
                 raise PredictionCancelled("nobody waits for these predictions any more")
-            for i, row in zip(chunk, self._run_batch([encodings[i] for i in chunk]), strict=True):
+            extra = (state, [names[i] for i in chunk]) if state is not None else None
+            for i, row in zip(chunk, self._run_batch([encodings[i] for i in chunk], extra), strict=True):
                 rows[i] = row
+        if state is not None:
+            return self._adapter_predictions(rows, [state.pack(n) for n in names])
         return self._predictions(np.stack(rows))
 
     __call__ = predict
@@ -352,10 +414,16 @@ class Predictor:
                 yield event
             finished = done
 
-    def _run_batch(self, encodings: list[dict[str, list[int]]]) -> np.ndarray:
-        """Logits (B, C) or mean-pooled embeddings (B, H) for one padded batch."""
+    def _run_batch(self, encodings: list[dict[str, list[int]]], adapters=None) -> np.ndarray:
+        """Logits (B, C) or mean-pooled embeddings (B, H) for one padded batch; `adapters` is a multi
+        graph's (AdapterState, one adapter name per row)."""
         feeds = self.pad(encodings)
-        outputs = self.session.run(feeds)
+        resident = None
+        if adapters is not None:
+            state, names = adapters
+            feeds[ADAPTER_INDEX_INPUT] = state.index(names)  # (B,)
+            resident = state.feeds
+        outputs = self.session.run(feeds, resident)
         if self.task == CLASSIFICATION:
             return outputs["logits"]
         hidden = outputs.get("last_hidden_state", outputs[self.session.output_names[0]])  # (B, T, H)
@@ -365,6 +433,19 @@ class Predictor:
                 "'logits' (classification) or a (batch, tokens, hidden) state (feature extraction)"
             )
         return mean_pool(hidden, feeds["attention_mask"])
+
+    def _adapter_predictions(self, rows: list[np.ndarray], packs: list) -> Predictions:
+        """Each row's logits cut to its adapter's num_labels (padded to the widest with -inf)."""
+        width = max(p.num_labels for p in packs)
+        logits = np.full((len(rows), width), -np.inf, dtype=np.float32)  # (N, C_max)
+        for i, (row, pack) in enumerate(zip(rows, packs, strict=True)):
+            logits[i, : pack.num_labels] = row[: pack.num_labels]
+        probs = softmax(logits)
+        ids = probs.argmax(axis=-1)
+        maps = [p.id2label for p in packs]
+        labels = [m.get(int(i), str(int(i))) for m, i in zip(maps, ids, strict=True)]
+        return Predictions(self.task, {}, logits, probs, ids, labels, adapters=[p.name for p in packs],
+                           row_id2label=maps)
 
     def _predictions(self, values: np.ndarray) -> Predictions:
         if self.task == FEATURE_EXTRACTION:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE, MODES
+from adalora_deploy.constants import ADAPTER_INDEX_INPUT, MANIFEST_FILE, MODEL_FILE, SERVE_MODES
 from adalora_deploy.errors import AdaLoraDeployError, CheckpointError, ConfigError
 from adalora_deploy.io import read_json
 
@@ -80,14 +80,14 @@ def resolve_export_dir(path: str | os.PathLike, mode: str | None = None) -> Path
 
     Args:
         path: one mode's directory, or an export root with merged/ and factored/ inside.
-        mode: "merged" or "factored"; used only when `path` is an export root.
+        mode: "merged", "factored" or "multi"; used only when `path` is an export root.
 
     Returns:
         The mode directory. Raises ExportDirError when there is no model.onnx to be found.
     """
     path = Path(path)
-    if mode is not None and mode not in MODES:
-        raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode is not None and mode not in SERVE_MODES:
+        raise ConfigError(f"mode {mode!r} is not one of {', '.join(SERVE_MODES)}")
     if not path.is_dir():
         raise ExportDirError(f"export directory not found: {path}; run `adalora-deploy export` first")
     if (path / MODEL_FILE).is_file():
@@ -96,7 +96,7 @@ def resolve_export_dir(path: str | os.PathLike, mode: str | None = None) -> Path
     sub = path / (mode or "merged")
     if (sub / MODEL_FILE).is_file():
         return sub
-    present = [m for m in MODES if (path / m / MODEL_FILE).is_file()]
+    present = [m for m in SERVE_MODES if (path / m / MODEL_FILE).is_file()]
     hint = f"it holds {', '.join(present)}: pass --mode {present[0]}" if present else "re-run the export"
     raise ExportDirError(f"{path} has no {MODEL_FILE} (nor {sub.name}/{MODEL_FILE}): {hint}")
 
@@ -234,23 +234,35 @@ class OrtSession:
     def on_cuda(self) -> bool:
         return self.provider == CUDA_EP
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], resident: dict | None = None) -> dict[str, np.ndarray]:
         """Run the graph on host arrays; returns host arrays by output name.
 
-        Feeds the graph does not take (e.g. token_type_ids for some models) are dropped.
+        Feeds the graph does not take (e.g. token_type_ids for some models) are dropped. `resident` are
+        inputs that stay loaded between calls (a multi graph's stacked adapters): OrtValues already on
+        the device under CUDA, host arrays otherwise (see `to_device`).
         """
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
-        missing = [n for n in self.input_names if n not in feeds]
+        resident = resident or {}
+        missing = [n for n in self.input_names if n not in feeds and n not in resident]
         if missing:
             raise ValueError(f"missing inputs {missing} for {self.path}")
         if self.on_cuda:
-            outputs = self._run_iobinding(feeds)
+            outputs = self._run_iobinding(feeds, resident)
         else:
-            outputs = self.session.run(self.output_names, feeds)
+            outputs = self.session.run(self.output_names, {**feeds, **resident})
         return dict(zip(self.output_names, outputs, strict=True))
 
-    def _run_iobinding(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Copy inputs to the GPU once, let ORT allocate outputs there, then copy them back.
+    def to_device(self, array: np.ndarray):
+        """What `run(resident=...)` takes for `array`: an OrtValue on the GPU under CUDA, else the array."""
+        if not self.on_cuda:
+            return array
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.config.device_id)
+
+    def _run_iobinding(self, feeds: dict[str, np.ndarray], resident: dict) -> list[np.ndarray]:
+        """Copy inputs to the GPU once, let ORT allocate outputs there, then copy them back; resident
+        inputs are bound where they already are.
 
         A binding per call keeps concurrent callers apart (the session itself is thread-safe).
         """
@@ -259,7 +271,7 @@ class OrtSession:
         device = self.config.device_id
         binding = self.session.io_binding()
         on_device = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", device) for n, a in feeds.items()}
-        for name, value in on_device.items():
+        for name, value in {**on_device, **resident}.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cuda", device)
@@ -269,7 +281,14 @@ class OrtSession:
     def dummy_feeds(self, shape: tuple[int, int] = WARMUP_SHAPE) -> dict[str, np.ndarray]:
         """All-ones integer (zeros float) inputs of `shape`, for warm-up and benchmarks."""
         feeds = {}
+        multi = ADAPTER_INDEX_INPUT in self.input_names
         for node in self.session.get_inputs():
+            if multi and node.name == ADAPTER_INDEX_INPUT:
+                feeds[node.name] = np.zeros(shape[0], dtype=np.int64)
+                continue
+            if multi and "int" not in node.type:  # one all-zero adapter; its rank dimensions 1
+                feeds[node.name] = np.zeros([d if isinstance(d, int) else 1 for d in node.shape], np.float32)
+                continue
             if node.name.startswith("past_key_values."):  # (batch, heads, past 0, head_dim): an empty past
                 dtype = np.float16 if node.type == "tensor(float16)" else np.float32
                 feeds[node.name] = np.zeros((shape[0], node.shape[1], 0, node.shape[3]), dtype=dtype)

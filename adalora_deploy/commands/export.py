@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-MODES = ("merged", "factored", "both")
+MODES = ("merged", "factored", "both", "adapter", "multi")
 DTYPES = ("fp32", "fp16")
 TASKS = ("sequence-classification", "feature-extraction", "token-classification", "question-answering", "causal-lm")
 QUANTIZE = ("int8",)
@@ -23,7 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prune-ranks", action="store_true",
                    help="drop masked triplets and slice P/Q to each module's effective rank; rank-0 modules lose "
                    "their branch")
-    p.add_argument("--mode", choices=MODES, default="both", help="which graphs to write (default: both)")
+    p.add_argument("--mode", choices=MODES, default="both", help="which graphs to write (default: both); adapter: an adapter pack of CHECKPOINT (needs "
+                   "--prune-ranks) written into OUT; multi: OUT/multi/, one base graph that serves many adapter "
+                   "packs (CHECKPOINT may then be a base model path)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype; fp16 is meant for GPUs")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: Optimum's recommendation for the architecture, at least 17)")
