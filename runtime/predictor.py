@@ -418,12 +418,12 @@ class Predictor:
         """Logits (B, C) or mean-pooled embeddings (B, H) for one padded batch; `adapters` is a multi
         graph's (AdapterState, one adapter name per row)."""
         feeds = self.pad(encodings)
-        resident = None
         if adapters is not None:
             state, names = adapters
             feeds[ADAPTER_INDEX_INPUT] = state.index(names)  # (B,)
-            resident = state.feeds
-        outputs = self.session.run(feeds, resident)
+            outputs = self.session.run(feeds, resident=state.feeds)
+        else:
+            outputs = self.session.run(feeds)
         if self.task == CLASSIFICATION:
             return outputs["logits"]
         hidden = outputs.get("last_hidden_state", outputs[self.session.output_names[0]])  # (B, T, H)

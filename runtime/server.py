@@ -6,6 +6,8 @@
                       (runtime/generate_api.py)
     GET  /health      -> {"status": "ok", "provider": ..., counters}
     GET  /metadata    -> the export's adalora_manifest.json
+    multi graphs (runtime/adapter_api.py): POST /v1/predict {"adapter": "NAME", "inputs": [...]},
+    GET /v1/adapters, PUT /v1/adapters/NAME {"path": ...}, DELETE /v1/adapters/NAME
 
 Concurrent requests are queued; one worker takes the first, waits at most max_wait_ms for more
 (up to max_batch_size inputs), runs them as one batch in a worker thread, and hands each request
@@ -30,6 +32,8 @@ from fastapi.responses import JSONResponse
 
 from adalora_deploy.errors import ConfigError
 
+from .adapter_api import add_adapter_routes, parse_adapter_predict
+from .adapters import UnknownAdapterError
 from .generate_api import add_generate_route
 from .limits import Admission, RequestError, bind_socket, load_json, read_body, token_estimate
 from .predictor import CAUSAL_LM, PredictionCancelled, Predictor, TextInput
@@ -57,6 +61,8 @@ class ServerConfig:
         max_batch_tokens: most padded tokens in one model call (bounds the activation memory).
         request_timeout: seconds a request may wait and run after its body arrived; then 504.
         body_timeout: seconds a client has to send its whole body; then 408.
+        adapter_root: multi graphs: PUT/DELETE /v1/adapters/NAME are on, for packs inside this directory
+            only; None leaves the loaded adapters fixed.
     """
 
     host: str = "127.0.0.1"
@@ -70,6 +76,7 @@ class ServerConfig:
     max_batch_tokens: int = 8192
     request_timeout: float = 30.0
     body_timeout: float = 10.0
+    adapter_root: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_texts", "max_chars", "max_queue_texts", "max_queue_tokens",
@@ -105,7 +112,11 @@ def parse_inputs(body: bytes, config: ServerConfig) -> list[TextInput]:
     data = load_json(body)
     if not isinstance(data, dict) or set(data) != {"inputs"}:
         raise RequestError(422, 'body must be a JSON object with one key, "inputs": {"inputs": ["text", ...]}')
-    inputs = data["inputs"]
+    return check_inputs(data["inputs"], config)
+
+
+def check_inputs(inputs, config: ServerConfig) -> list[TextInput]:
+    """The checked "inputs" of a /v1/predict body (strings or text pairs, within the limits)."""
     if not isinstance(inputs, list):
         raise RequestError(422, f'"inputs" must be a list of texts, got {type(inputs).__name__}')
     if not inputs:
@@ -139,6 +150,7 @@ def _check_text(where: str, text, max_chars: int) -> str:
 class _Job:
     inputs: list[TextInput]
     future: asyncio.Future  # cancelled when the client disconnects or its deadline passes
+    adapters: list[str] | None = None  # multi graphs: one adapter name per input
 
     @property
     def dropped(self) -> bool:
@@ -191,12 +203,13 @@ class MicroBatcher:
         await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, inputs: list[TextInput]) -> list[dict]:
-        """Queue one request's inputs; returns one record per input once its batch has run.
+    async def submit(self, inputs: list[TextInput], adapters: list[str] | None = None) -> list[dict]:
+        """Queue one request's inputs (with one adapter name per input on a multi graph); returns one
+        record per input once its batch has run. Requests for different adapters share batches.
         Cancelling the caller cancels the job: it is dropped before it runs (or between chunks)."""
         future = asyncio.get_running_loop().create_future()
         self.stats.received += 1
-        await self._queue.put(_Job(inputs, future))
+        await self._queue.put(_Job(inputs, future, adapters))
         try:
             return await future
         finally:
@@ -249,11 +262,10 @@ class MicroBatcher:
             return None
 
     async def _run(self, batch: list[_Job]) -> None:
-        flat = [x for job in batch for x in job.inputs]
-        self._count(batch, len(flat))
+        self._count(batch, sum(len(job.inputs) for job in batch))
         loop = asyncio.get_running_loop()
         try:
-            predictions = await loop.run_in_executor(self._executor, self._predict, flat, batch)
+            batch, predictions = await loop.run_in_executor(self._executor, self._predict_jobs, batch)
         except PredictionCancelled:  # every client of this batch has gone: its remaining chunks were skipped
             self.stats.dropped += len(batch)
             return
@@ -268,19 +280,45 @@ class MicroBatcher:
                 job.future.set_result(predictions[start:start + len(job.inputs)])
             start += len(job.inputs)
 
-    def _predict(self, inputs: list[TextInput], batch: list[_Job]) -> list[dict]:
-        # Runs in the model thread; reading done() there is a plain flag read.
-        predictions = self.predictor.predict(
-            inputs, batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
-            should_stop=lambda: all(job.dropped for job in batch),
-        )
-        return predictions.records()
+    def _predict_jobs(self, batch: list[_Job]) -> tuple[list[_Job], list[dict]]:
+        """Run a batch in the model thread (reading done() there is a plain flag read); on a multi graph,
+        jobs naming an adapter that is not loaded (or was unloaded since they were queued) get a 404 of
+        their own and the others run."""
+        while True:
+            batch = [job for job in batch if self._adapters_known(job)]
+            if not batch:
+                return [], []
+            flat = [x for job in batch for x in job.inputs]
+            adapters = [a for job in batch for a in job.adapters] if batch[0].adapters is not None else None
+            try:
+                predictions = self.predictor.predict(
+                    flat, batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
+                    should_stop=lambda jobs=batch: all(job.dropped for job in jobs), adapter=adapters,
+                )
+            except UnknownAdapterError:
+                continue  # an adapter was unloaded between the check and the run: check again
+            return batch, predictions.records()
+
+    def _adapters_known(self, job: _Job) -> bool:
+        if job.adapters is None:
+            return True
+        try:
+            self.predictor.adapters.state.index(job.adapters)
+        except UnknownAdapterError as err:
+            job.future.get_loop().call_soon_threadsafe(_fail, job.future, RequestError(404, str(err)))
+            return False
+        return True
 
     def _count(self, batch: list[_Job], n_inputs: int) -> None:
         self.stats.requests += len(batch)
         self.stats.inputs += n_inputs
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, n_inputs)
+
+
+def _fail(future: asyncio.Future, err: Exception) -> None:
+    if not future.done():
+        future.set_exception(err)
 
 
 def create_app(predictor: Predictor, config: ServerConfig | None = None):
@@ -308,6 +346,7 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
     app.state.batcher = batcher
     app.state.admission = admission
     app.state.generation = add_generate_route(app, predictor, config, RequestError, read_body)
+    add_adapter_routes(app, predictor, config.adapter_root, RequestError, read_body)
 
     @app.exception_handler(RequestError)
     async def _bad_request(request, err: RequestError):
@@ -318,11 +357,15 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
         if predictor.task == CAUSAL_LM:
             raise RequestError(422, "this server runs a causal LM: use POST /v1/generate")
         body = await read_body(request, config.max_body_bytes, config.body_timeout)
-        inputs = parse_inputs(body, config)
+        if predictor.adapters is not None:
+            inputs, adapters = parse_adapter_predict(body, config)
+        else:
+            inputs, adapters = parse_inputs(body, config), None
         tokens = token_estimate(inputs, predictor.max_length)
         admission.admit(len(inputs), tokens)
         try:
-            return {"predictions": await until_done_or_gone(batcher.submit(inputs), request, config.request_timeout)}
+            submitted = batcher.submit(inputs, adapters)
+            return {"predictions": await until_done_or_gone(submitted, request, config.request_timeout)}
         finally:
             admission.release(len(inputs), tokens)
 
@@ -370,18 +413,19 @@ def _describe(predictor: Predictor) -> dict:
 
 def serve(
     path: str | os.PathLike, mode: str | None = None, provider: str = "auto", threads: int = 0,
-    config: ServerConfig | None = None, log_level: str = "info",
+    config: ServerConfig | None = None, log_level: str = "info", adapters: dict[str, str] | None = None,
 ) -> None:
     """Load an export and serve it until SIGINT/SIGTERM; errors in the model dir raise at start.
 
     Args:
         path: one mode's directory, or an export root.
-        mode: "merged" or "factored" for an export root (None: merged); given with a mode's own
+        mode: "merged", "factored" or "multi" for an export root (None: merged); given with a mode's own
             directory, it must be that directory's mode.
         provider: "auto", "cuda" or "cpu".
         threads: ONNX Runtime intra-op threads (0: one per core).
         config: host, port, batching and request limits.
         log_level: uvicorn's log level.
+        adapters: multi graphs: adapter name -> pack directory, loaded before serving.
     """
     import uvicorn
 
@@ -391,6 +435,10 @@ def serve(
     predictor = Predictor.from_pretrained(
         path, mode=mode, batch_size=config.max_batch_size, session_config=session_config
     )
+    for name, pack in (adapters or {}).items():
+        predictor.load_adapter(name, pack)
+    if predictor.adapters is not None and not predictor.adapters.state.packs and config.adapter_root is None:
+        raise ConfigError("a multi graph needs adapters: pass --adapters NAME=PATH ... and/or --adapter-root DIR")
     print(f"serving {predictor.session.path} on {predictor.provider} at http://{config.host}:{config.port}")
     app = create_app(predictor, config)
     server_config = uvicorn.Config(

@@ -95,7 +95,11 @@ def predictor(setup):
 
 
 def _own_logits(setup, texts) -> dict[str, np.ndarray]:
-    return {n: Predictor.from_pretrained(d, provider="cpu").predict(texts).logits for n, d in setup["merged"].items()}
+    """Each adapter's logits from its own merged export (rows of TEXTS, computed once per module)."""
+    if "own" not in setup:
+        setup["own"] = {n: Predictor.from_pretrained(d, provider="cpu").predict(TEXTS).logits
+                        for n, d in setup["merged"].items()}
+    return {n: v[[TEXTS.index(t) for t in texts]] for n, v in setup["own"].items()}
 
 
 def test_pack_holds_factors_at_their_own_ranks_and_never_the_base(setup):
@@ -199,3 +203,123 @@ def test_cuda_keeps_the_stacks_on_the_device_and_the_session(setup):
     want = cpu.predict(TEXTS[:len(names)] + TEXTS[:2], adapter=names + ["qv3", "peft"]).logits
     np.testing.assert_allclose(got, want, atol=1e-3)
     np.testing.assert_allclose(gpu.predict(TEXTS, adapter="rank0").logits, first, atol=1e-5)
+
+
+# -- over real HTTP ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(setup):
+    """A server on the multi graph with rank0 and qv3 loaded and hot loading on under the setup's root."""
+    from adalora_deploy.runtime.server import ServerConfig, create_app
+
+    from .test_server import free_port, serving
+
+    p = Predictor.from_pretrained(setup["multi"], mode="multi", provider="cpu", batch_size=16)
+    for name in ("rank0", "qv3"):
+        p.load_adapter(name, setup["packs"][name])
+    config = ServerConfig(port=free_port(), max_batch_size=16, max_wait_ms=20, adapter_root=str(setup["root"]))
+    with serving(create_app(p, config), config) as client:
+        yield client
+
+
+def _scores(own: np.ndarray) -> np.ndarray:
+    e = np.exp(own - own.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_http_mixed_adapters_and_listing(setup, http):
+    own = _own_logits(setup, TEXTS)
+    for name in ("rank0", "qv3"):
+        response = http.post("/v1/predict", json={"adapter": name, "inputs": TEXTS})
+        assert response.status_code == 200
+        got = np.array([list(r["scores"].values()) for r in response.json()["predictions"]])
+        np.testing.assert_allclose(got, _scores(own[name]), atol=1e-4)
+    listed = {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}
+    ranks = json.loads((setup["packs"]["qv3"] / ADAPTER_MANIFEST_FILE).read_text())["ranks"]
+    assert listed["qv3"]["ranks"] == ranks and listed["qv3"]["task"] == "sequence-classification"
+    assert listed["qv3"]["num_labels"] == 3 and set(listed) == {"rank0", "qv3"}
+
+
+def test_http_hot_load_and_unload_under_load_fail_no_request_of_staying_adapters(setup, http):
+    import threading
+
+    own = {n: _scores(v) for n, v in _own_logits(setup, TEXTS).items()}
+    failures, done, stop = [], [0], threading.Event()
+
+    def client_loop(k: int):
+        import httpx
+
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as c:
+            while not stop.is_set():
+                name = ("rank0", "qv3")[k % 2]
+                i = done[0] % len(TEXTS)
+                r = c.post("/v1/predict", json={"adapter": name, "inputs": [TEXTS[i]]})
+                got = list(r.json()["predictions"][0]["scores"].values()) if r.status_code == 200 else None
+                if got is None or not np.allclose(got, own[name][i], atol=1e-4):
+                    failures.append((name, r.status_code, r.text[:200]))
+                done[0] += 1
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    load_ms = []
+    try:
+        for _ in range(3):
+            for name in ("ffn3", "peft"):
+                r = http.put(f"/v1/adapters/{name}", json={"path": str(setup["packs"][name])})
+                assert r.status_code == 200, r.text
+                load_ms.append(r.json()["load_ms"])
+            r = http.post("/v1/predict", json={"adapter": ["ffn3", "peft", "rank0"], "inputs": TEXTS[:3]})
+            assert r.status_code == 200 and [p["adapter"] for p in r.json()["predictions"]] == ["ffn3", "peft", "rank0"]
+            np.testing.assert_allclose(list(r.json()["predictions"][0]["scores"].values()), own["ffn3"][0], atol=1e-4)
+            for name in ("ffn3", "peft"):
+                assert http.delete(f"/v1/adapters/{name}").status_code == 200
+            assert http.post("/v1/predict", json={"adapter": "ffn3", "inputs": ["x"]}).status_code == 404
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == [] and done[0] >= 8
+    assert {a["name"] for a in http.get("/v1/adapters").json()["adapters"]} == {"rank0", "qv3"}
+
+
+def test_http_refusals_keep_serving(setup, http, tmp_path):
+    root = setup["root"]
+    outside = http.put("/v1/adapters/x", json={"path": str(setup["packs"]["ffn3"].parent.parent)})
+    assert outside.status_code == 403 and "outside --adapter-root" in outside.json()["error"]
+    assert http.put("/v1/adapters/x", json={"path": "../"}).status_code == 403
+    corrupt = root / "pack-corrupt"
+    if not corrupt.exists():
+        shutil.copytree(setup["packs"]["ffn3"], corrupt)
+        (corrupt / ADAPTER_PACK_FILE).write_bytes(b"\x00" * 16)
+    r = http.put("/v1/adapters/ffn3", json={"path": "pack-corrupt"})
+    assert r.status_code == 422 and "corrupt" in r.json()["error"]
+    other_base = save_tiny_bert(tmp_path / "other-base", seed=9)
+    other = export(make_adapter(tmp_path / "ck", other_base, 2, seed=1), root / "pack-other", mode="adapter",
+                   prune_ranks=True, overwrite=True)
+    r = http.put("/v1/adapters/qv3", json={"path": str(other)})
+    assert r.status_code == 422 and "another base model" in r.json()["error"]
+    assert http.post("/v1/predict", json={"adapter": "nope", "inputs": ["x"]}).status_code == 404
+    assert http.delete("/v1/adapters/nope").status_code == 404
+    assert http.post("/v1/predict", json={"inputs": ["x"]}).status_code == 422  # a multi graph needs "adapter"
+    listed = {a["name"] for a in http.get("/v1/adapters").json()["adapters"]}
+    assert listed == {"rank0", "qv3"}
+    ok = http.post("/v1/predict", json={"adapter": "qv3", "inputs": TEXTS[:2]})
+    own = _scores(_own_logits(setup, TEXTS[:2])["qv3"])
+    np.testing.assert_allclose([list(p["scores"].values()) for p in ok.json()["predictions"]], own, atol=1e-4)
+
+
+def test_hot_loading_is_off_without_adapter_root(setup):
+    from adalora_deploy.runtime.server import ServerConfig, create_app
+
+    from .test_server import free_port, serving
+
+    p = Predictor.from_pretrained(setup["multi"], mode="multi", provider="cpu")
+    p.load_adapter("rank0", setup["packs"]["rank0"])
+    config = ServerConfig(port=free_port())
+    with serving(create_app(p, config), config) as client:
+        r = client.put("/v1/adapters/qv3", json={"path": str(setup["packs"]["qv3"])})
+        assert r.status_code == 403 and "--adapter-root" in r.json()["error"]
+        assert client.delete("/v1/adapters/rank0").status_code == 403
+        assert client.post("/v1/predict", json={"adapter": "rank0", "inputs": ["x"]}).status_code == 200

@@ -12,9 +12,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "grouped into batches of at most --max-batch-size inputs, waiting at most --max-wait-ms.",
     )
     p.add_argument("dir", metavar="DIR", help="one mode's export directory, or an export root (see --mode)")
-    p.add_argument("--mode", choices=("merged", "factored"), default=None,
+    p.add_argument("--mode", choices=("merged", "factored", "multi"), default=None,
                    help="which graph of an export root to serve (default: merged); given with a mode's own "
-                   "directory, it must name that directory's mode")
+                   "directory, it must name that directory's mode; multi: the multi-adapter graph of "
+                   "`export --mode multi`, serving the packs given with --adapters")
+    p.add_argument("--adapters", nargs="+", default=None, metavar="NAME=PATH",
+                   help="multi: adapter packs (`export --prune-ranks --mode adapter`) to serve, each under its NAME")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="multi: turn on PUT/DELETE /v1/adapters/NAME for packs inside DIR (off by default)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, local only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
@@ -39,15 +44,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def parse_adapters(items: list[str] | None, mode: str) -> dict[str, str]:
+    """NAME=PATH items -> {name: path}; refused outside --mode multi or when malformed."""
+    from adalora_deploy.errors import ConfigError
+
+    if not items:
+        return {}
+    if mode != "multi":
+        raise ConfigError("--adapters and --adapter-root serve a multi graph: add --mode multi")
+    adapters = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in adapters:
+            raise ConfigError(f"--adapters {item!r}: expected NAME=PATH with a new NAME each, e.g. tweets=packs/tweets")
+        adapters[name] = path
+    return adapters
+
+
 def run(args: argparse.Namespace) -> int:
+    from adalora_deploy.errors import ConfigError
     from adalora_deploy.runtime.server import ServerConfig, serve
 
+    adapters = parse_adapters(args.adapters, args.mode)
+    if args.adapter_root is not None and args.mode != "multi":
+        raise ConfigError("--adapter-root serves a multi graph: add --mode multi")
     config = ServerConfig(
         host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_texts=args.max_texts, max_chars=args.max_chars, max_queue_texts=args.max_queue_texts,
         max_queue_tokens=args.max_queue_tokens, max_batch_tokens=args.max_batch_tokens,
-        request_timeout=args.request_timeout, body_timeout=args.body_timeout,
+        request_timeout=args.request_timeout, body_timeout=args.body_timeout, adapter_root=args.adapter_root,
     )
     serve(args.dir, mode=args.mode, provider=args.provider, threads=args.threads, config=config,
-          log_level=args.log_level)
+          log_level=args.log_level, adapters=adapters)
     return 0
