@@ -1,11 +1,12 @@
 """Adapter packs loaded into a multi graph: reading and checking a pack, stacking the loaded packs into the
 graph's inputs, and swapping the stacked state atomically while predictions run (docs/adapter_pack.md).
 
-Torch-free: packs are read with safetensors' numpy loader.
+Torch-free: packs are read with numpy alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -69,15 +70,33 @@ class AdapterPack:
                 "ranks": ranks, "total_rank": sum(ranks.values()), "source": self.manifest.get("source", {}).get("path")}
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+# safetensors dtype names -> numpy; a pack is fp32, the others are accepted and cast.
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
 
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file read with numpy alone (8-byte header length, JSON header, raw little-endian
+    data), so that the serving path needs no safetensors or torch; anything inconsistent is refused."""
     if not path.is_file():
         raise AdapterPackError(f"{path} not found: pass a directory written by `export --mode adapter`")
+    data = path.read_bytes()
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size]) if 8 + size <= len(data) else None
+        if not isinstance(header, dict):
+            raise ValueError("header missing or cut off")
+        body, tensors = memoryview(data)[8 + size:], {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            start, end = info["data_offsets"]
+            if dtype is None or not 0 <= start <= end <= len(body):
+                raise ValueError(f"tensor {name}: dtype {info['dtype']} or offsets {start}..{end} not readable")
+            array = np.frombuffer(body[start:end], dtype=np.dtype(dtype).newbyteorder("<"))
+            tensors[name] = array.reshape(info["shape"])
+        return tensors
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise AdapterPackError(f"{path} is corrupt or truncated ({str(err)[:120]}): re-export the pack") from err
 
 
