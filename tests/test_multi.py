@@ -323,3 +323,18 @@ def test_hot_loading_is_off_without_adapter_root(setup):
         assert r.status_code == 403 and "--adapter-root" in r.json()["error"]
         assert client.delete("/v1/adapters/rank0").status_code == 403
         assert client.post("/v1/predict", json={"adapter": "rank0", "inputs": ["x"]}).status_code == 200
+
+
+def test_synthetic_bench_packs_have_uneven_ranks_and_load(setup, tmp_path):
+    from adalora_deploy.bench.multi import synthetic_packs
+
+    packs = synthetic_packs(setup["packs"]["rank0"], tmp_path, 3)
+    ranks = [json.loads((p / ADAPTER_MANIFEST_FILE).read_text())["ranks"] for p in packs]
+    top = max(json.loads((setup["packs"]["rank0"] / ADAPTER_MANIFEST_FILE).read_text())["ranks"].values())
+    assert all(0 <= r <= top for rr in ranks for r in rr.values()) and ranks[0] != ranks[1]
+    assert any(r == 0 for rr in ranks for r in rr.values())
+    p = Predictor.from_pretrained(setup["multi"], mode="multi", provider="cpu")
+    for i, pack in enumerate(packs):
+        p.load_adapter(f"s{i}", pack)
+    got = p.predict(TEXTS[:3], adapter=["s0", "s1", "s2"])
+    assert [len(r["scores"]) for r in got.records()] == [2, 3, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from adalora_deploy.errors import ConfigError
 
@@ -29,8 +30,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "checks the targets.",
     )
     p.add_argument("source", metavar="CHECKPOINT_OR_EXPORT_DIR", help="a checkpoint, an export root or a mode dir")
-    p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="grid rows (default: 1,8,32)")
-    p.add_argument("--seq-lens", type=int_list, default=[32, 128], help="grid columns, tokens (default: 32,128)")
+    p.add_argument("--batch-sizes", type=int_list, default=None,
+                   help="grid rows (default: 1,8,32; with --adapters: 1,32)")
+    p.add_argument("--seq-lens", type=int_list, default=None,
+                   help="grid columns, tokens (default: 32,128; with --adapters: 128)")
+    p.add_argument("--adapters", type=int, default=None, metavar="N",
+                   help="many adapters on one multi graph: merged, factored, multi with 1, 4 and N adapter packs "
+                   "(the checkpoint's + synthetic ones derived from it), PEFT eager with N adapters; also resident "
+                   "memory and the time to load an adapter into a running server (docs/adapter_pack.md; "
+                   "--threads defaults to 1)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per variant and cell (default: 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant and cell (default: 3)")
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
@@ -65,6 +73,21 @@ def _require_extras(args: argparse.Namespace) -> None:
         require("all", "bench --plot", ("matplotlib",))
 
 
+def run_adapters(args: argparse.Namespace, command: str | None) -> int:
+    from adalora_deploy.bench.multi import run_multi_bench
+
+    for path in (args.json, args.markdown):
+        if path and Path(path).exists() and not args.overwrite:
+            raise ConfigError(f"{path} exists: choose another path or pass --overwrite")
+    result = run_multi_bench(
+        args.source, args.adapters, args.batch_sizes or [1, 32], max(args.seq_lens or [128]), args.runs, args.warmup,
+        args.threads or 1, args.json, args.markdown, command=command,
+    )
+    for t in result["targets"]:
+        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from adalora_deploy.bench.markdown import console_summary
     from adalora_deploy.bench.run import BenchConfig, run_bench
@@ -72,12 +95,14 @@ def run(args: argparse.Namespace) -> int:
     _require_extras(args)
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads ({args.threads}) must be >= 1")
+    command = "adalora-deploy " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    if args.adapters is not None:
+        return run_adapters(args, command)
     kwargs = {"threads": args.threads} if args.threads else {}
     config = BenchConfig(
-        batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, runs=args.runs, warmup=args.warmup,
+        batch_sizes=args.batch_sizes or [1, 8, 32], seq_lens=args.seq_lens or [32, 128], runs=args.runs, warmup=args.warmup,
         provider=args.provider, dtype=args.dtype, int8=args.int8, eval_data=args.eval_data, **kwargs,
     )
-    command = "adalora-deploy " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     result = run_bench(args.source, config, args.json, args.markdown, args.plot, command=command,
                        overwrite=args.overwrite)
     print(console_summary(result))
