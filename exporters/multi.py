@@ -126,8 +126,8 @@ def random_stack(module: MultiAdapterClassifier, shapes: dict[str, tuple[int, in
         down, up = np.zeros((n, d_in, r_max), np.float32), np.zeros((n, r_max, d_out), np.float32)
         for a, r in enumerate(ranks):
             k = r.get(m, 0)
-            down[a, :, :k] = rng.normal(0, 0.3, (d_in, k))
-            up[a, :k] = rng.normal(0, 0.3, (k, d_out))
+            down[a, :, :k] = rng.normal(0, 0.05, (d_in, k))
+            up[a, :k] = rng.normal(0, 0.05, (k, d_out))
         feeds[m + DOWN_SUFFIX], feeds[m + UP_SUFFIX] = down, up
     return feeds
 
@@ -191,23 +191,24 @@ def validate(module: MultiAdapterClassifier, path: Path) -> dict:
 
 
 def multi_manifest(model: nn.Module, module: MultiAdapterClassifier, graph: onnx.ModelProto, validation: dict,
-                   seconds: float, base_name: str | None) -> dict:
+                   seconds: float, base_name: str | None, fused: dict | None) -> dict:
     shapes = _shapes(module)
     return {
-        **manifest_header(MULTI_MODE, SEQUENCE_CLASSIFICATION, "fp32", MULTI_OPSET, False, True),
+        **manifest_header(MULTI_MODE, SEQUENCE_CLASSIFICATION, "fp32", MULTI_OPSET, fused is not None, True),
         "base": {**base_identity(model), "name_or_path": base_name},
         "head": {"module": head_module(model), "hidden": model.config.hidden_size},
         "modules": {m: {"d_out": d_out, "d_in": d_in} for m, (d_out, d_in) in shapes.items()},
         "inputs": {"adapter_index": ADAPTER_INDEX_INPUT, "head_weight": HEAD_WEIGHT_INPUT,
                    "head_bias": HEAD_BIAS_INPUT, "down_suffix": DOWN_SUFFIX, "up_suffix": UP_SUFFIX},
-        "graph": {"file": MODEL_FILE, "op_counts": graphs.op_counts(graph)},
+        "graph": {"file": MODEL_FILE, "fused_ops": fused, "op_counts": graphs.op_counts(graph)},
         "validation": validation,
         "export_seconds": round(seconds, 2),
         "versions": package_versions(),
     }
 
 
-def write_multi(model: nn.Module, tokenizer, out: Path, base_name: str | None, validate_graph: bool = True) -> None:
+def write_multi(model: nn.Module, tokenizer, out: Path, base_name: str | None, validate_graph: bool = True,
+                optimize: bool = True) -> None:
     """Export the multi graph of `model`'s base into the (temporary) directory `out`.
 
     Args:
@@ -216,18 +217,23 @@ def write_multi(model: nn.Module, tokenizer, out: Path, base_name: str | None, v
         out: the mode directory to fill.
         base_name: the base model's path or hub id, recorded in the manifest.
         validate_graph: compare ONNX Runtime with PyTorch on random mixed adapters first.
+        optimize: apply ONNX Runtime's transformer fusions (MultiHeadAttention etc.), branches set aside.
     """
     start = time.perf_counter()
     head_module(model)  # refuses model types without a declared head
     module = MultiAdapterClassifier(model).eval()
     out.mkdir(parents=True, exist_ok=True)
     trace(module, out / MODEL_FILE)
-    graph = onnx.load(str(out / MODEL_FILE))
+    graph, fused = onnx.load(str(out / MODEL_FILE)), None
+    if optimize:
+        graph, fused = fuse(graph, model.config)
+    graphs.residual_adds_as_sum(graph)  # as every fp32 export: keeps the slower CPU SkipLayerNormalization out
+    graphs.save(graph, out / MODEL_FILE)
     validation = validate(module, out / MODEL_FILE) if validate_graph else {"validated": False}
     model.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     write_json(out / MANIFEST_FILE,
-               multi_manifest(model, module, graph, validation, time.perf_counter() - start, base_name))
+               multi_manifest(model, module, graph, validation, time.perf_counter() - start, base_name, fused))
     log.info("multi graph: %d modules with run-time branches", len(module.module_names))
 
 
@@ -251,7 +257,7 @@ def load_base_or_checkpoint(path: str, base: str | None) -> tuple[nn.Module, obj
 
 
 def export_multi(base_or_checkpoint, out, *, base: str | None = None, overwrite: bool = False,
-                 validate_graph: bool = True) -> Path:
+                 validate_graph: bool = True, optimize: bool = True) -> Path:
     """`export BASE_OR_CKPT --mode multi --out OUT`: OUT/multi/, one graph for every pack of that base.
 
     Args:
@@ -260,11 +266,76 @@ def export_multi(base_or_checkpoint, out, *, base: str | None = None, overwrite:
         base: overrides the base model a checkpoint names.
         overwrite: replace a non-empty `out`.
         validate_graph: check ONNX Runtime against PyTorch on random mixed adapters.
+        optimize: apply ONNX Runtime's transformer fusions.
     """
     from adalora_deploy.io import atomic_output_dir, check_output_dir
 
     check_output_dir(out, overwrite)
     model, tokenizer, name = load_base_or_checkpoint(str(base_or_checkpoint), base)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_multi(model, tokenizer, tmp / MULTI_MODE, name, validate_graph)
+        write_multi(model, tokenizer, tmp / MULTI_MODE, name, validate_graph, optimize)
     return Path(out)
+
+
+def _run_time_branches(model: onnx.ModelProto) -> list[dict]:
+    """The branches of 3-D modules: {gathers, down, up, join, base_out}; the pooler's (2-D, wrapped in
+    Unsqueeze/Squeeze) is left in place: no fusion touches it."""
+    graph = model.graph
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    producers = {out: node for node in graph.node for out in node.output}
+    found = []
+    for inp in graph.input:
+        if not inp.name.endswith(DOWN_SUFFIX):
+            continue
+        (gather_d,) = users[inp.name]
+        (down,) = users[gather_d.output[0]]
+        (up,) = users[down.output[0]]
+        gather_u = producers[up.input[1]]
+        joins = users.get(up.output[0], [])
+        if len(joins) != 1 or joins[0].op_type != "Add" or down.op_type != "MatMul" or up.op_type != "MatMul":
+            continue
+        join = joins[0]
+        base_out = next(name for name in join.input if name != up.output[0])
+        if producers.get(base_out) is None or producers[base_out].op_type != "MatMul":
+            continue
+        found.append({"nodes": [gather_d, gather_u, down, up, join], "down": down, "join": join, "base_out": base_out})
+    return found
+
+
+def fuse(model: onnx.ModelProto, config) -> tuple[onnx.ModelProto, dict]:
+    """ONNX Runtime's transformer fusions with the run-time branches set aside (as for the factored graph,
+    exporters/graph.py): fuse the plain base, then put each branch back on its base MatMul's output."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from .specs import ARCHITECTURES, FUSIONS
+
+    graph = model.graph
+    found = _run_time_branches(model)
+    inputs = list(graph.input)
+    for b in found:
+        graphs._rename_input(graph, b["join"].output[0], b["base_out"])
+        for node in b["nodes"]:
+            graph.node.remove(node)
+    arch = ARCHITECTURES[config.model_type]
+    optimized = optimize_model(
+        model, model_type=arch.ort_model_type, num_heads=getattr(config, arch.num_heads_attr),
+        hidden_size=getattr(config, arch.hidden_size_attr),
+        optimization_options=graphs.fusion_options("MultiHeadAttention", FUSIONS), opt_level=1, use_gpu=False,
+    )
+    counts = optimized.get_fused_operator_statistics()
+    fused = optimized.model
+    producers = {out: node for node in fused.graph.node for out in node.output}
+    for b in found:
+        base = producers.get(b["base_out"])
+        if base is None or base.op_type != "MatMul":
+            raise ExportValidationError(f"the optimizer removed a base MatMul ({b['base_out']}); export with --no-optimize")
+        b["down"].input[0] = base.input[0]
+        graphs._rename_input(fused.graph, b["base_out"], b["join"].output[0])
+        fused.graph.node.extend(b["nodes"])
+    present = {i.name for i in fused.graph.input}
+    fused.graph.input.extend([i for i in inputs if i.name not in present])  # unused while detached: pruned
+    optimized.topological_sort()
+    return optimized.model, {op: int(counts.get(op, 0)) for op in graphs.FUSED_OPS}

@@ -507,7 +507,7 @@ def export(
         _check_plain_flags(mode, dtype=dtype, opset=opset, task=task, quantize=quantize, eval_data=eval_data)
         if mode == ADAPTER_MODE:
             return export_adapter(checkpoint, out, prune_ranks=prune_ranks, base=base, overwrite=overwrite)
-        return export_multi(checkpoint, out, base=base, overwrite=overwrite, validate_graph=validate)
+        return export_multi(checkpoint, out, base=base, overwrite=overwrite, validate_graph=validate, optimize=optimize)
     request = ExportRequest(
         tuple(export_modes(mode)), prune_ranks, dtype_spec(dtype), opset, optimize, task, validate,
         quantize_spec(quantize) if quantize is not None else None, eval_data, max_accuracy_drop, quantize_branches,

@@ -338,3 +338,13 @@ def test_synthetic_bench_packs_have_uneven_ranks_and_load(setup, tmp_path):
         p.load_adapter(f"s{i}", pack)
     got = p.predict(TEXTS[:3], adapter=["s0", "s1", "s2"])
     assert [len(r["scores"]) for r in got.records()] == [2, 3, 2]
+
+
+def test_multi_graph_is_fused_with_every_linear_as_a_run_time_branch(setup):
+    import onnx
+
+    manifest = json.loads((setup["multi"] / "multi" / "adalora_manifest.json").read_text())
+    assert manifest["optimized"] and manifest["graph"]["fused_ops"]["MultiHeadAttention"] == 2  # both layers
+    assert manifest["validation"]["validated"] and manifest["validation"]["max_abs_diff"] <= 1e-4
+    inputs = {i.name for i in onnx.load(str(setup["multi"] / "multi" / "model.onnx")).graph.input}
+    assert {m + DOWN_SUFFIX for m in manifest["modules"]} <= inputs and len(manifest["modules"]) == 2 * 6 + 1
