@@ -310,7 +310,9 @@ def fuse(model: onnx.ModelProto, config) -> tuple[onnx.ModelProto, dict]:
     exporters/graph.py): fuse the plain base, then put each branch back on its base MatMul's output."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from .specs import ARCHITECTURES, FUSIONS
+    from adalora_deploy.architectures import ARCHITECTURES
+
+    from .specs import FUSIONS
 
     graph = model.graph
     found = _run_time_branches(model)
@@ -319,7 +321,7 @@ def fuse(model: onnx.ModelProto, config) -> tuple[onnx.ModelProto, dict]:
         graphs._rename_input(graph, b["join"].output[0], b["base_out"])
         for node in b["nodes"]:
             graph.node.remove(node)
-    arch = ARCHITECTURES[config.model_type]
+    arch = ARCHITECTURES[config.model_type].fusion  # a declared multi head implies a BERT-family row
     optimized = optimize_model(
         model, model_type=arch.ort_model_type, num_heads=getattr(config, arch.num_heads_attr),
         hidden_size=getattr(config, arch.hidden_size_attr),
