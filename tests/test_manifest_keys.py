@@ -28,10 +28,17 @@ def test_the_scan_finds_what_bench_reads():
     assert {"mode", "pruned", "quantization", "source", "task", "opset"} <= set(read), sorted(read)
 
 
-def test_keys_read_are_keys_written(tiny_export_root):
+def test_keys_read_are_keys_written(tiny_export_root, tiny_checkpoint, tiny_bert_dir, tmp_path):
+    from adalora_deploy.exporters import export
+
     written = set()
     for mode in ("merged", "factored"):
         written |= set(json.loads((tiny_export_root / mode / "adalora_manifest.json").read_text()))
+    # adapter packs and multi graphs (docs/adapter_pack.md) have manifests of their own
+    pack = export(tiny_checkpoint, tmp_path / "pack", mode="adapter", prune_ranks=True)
+    multi = export(tiny_bert_dir, tmp_path / "multi", mode="multi", validate=False)
+    written |= set(json.loads((pack / "adapter_manifest.json").read_text()))
+    written |= set(json.loads((multi / "multi" / "adalora_manifest.json").read_text()))
     unknown = {k: v for k, v in keys_read().items() if k not in written}
     assert unknown == {}, f"read but never written: {unknown}"
     manifest = json.loads((tiny_export_root / "merged" / "adalora_manifest.json").read_text())
