@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from adalora_deploy.errors import ConfigError
 
 from .generate import GenerationConfig
-from .limits import load_json
+from .limits import check_text, load_json
 
 MAX_NEW_TOKENS_LIMIT = 1024
 OPTION_TYPES = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float, "seed": int}
@@ -59,12 +59,7 @@ def _prompts(inputs, max_texts: int, max_chars: int, request_error) -> list[str]
     if len(prompts) > max_texts:
         raise request_error(413, f"{len(prompts)} prompts in one request; at most {max_texts} (--max-texts)")
     for i, prompt in enumerate(prompts):
-        if len(prompt) > max_chars:
-            raise request_error(413, f"prompt {i} has {len(prompt)} characters; at most {max_chars} (--max-chars)")
-        try:
-            prompt.encode("utf-8")  # JSON escapes can smuggle in lone surrogates, which no tokenizer takes
-        except UnicodeEncodeError as err:
-            raise request_error(400, f"prompt {i} is not valid Unicode (lone surrogate at {err.start})") from err
+        check_text(f"prompt {i}", prompt, max_chars)
     return prompts
 
 

@@ -29,6 +29,19 @@ class RequestError(Exception):
         self.headers = headers
 
 
+def check_text(where: str, text, max_chars: int) -> str:
+    """A text of a request body, checked: a string, at most max_chars long, valid Unicode."""
+    if not isinstance(text, str):
+        raise RequestError(422, f"{where} must be a string, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise RequestError(413, f"{where} has {len(text)} characters; at most {max_chars} (--max-chars)")
+    try:
+        text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates, which no tokenizer takes
+    except UnicodeEncodeError as err:
+        raise RequestError(400, f"{where} is not valid Unicode (lone surrogate at {err.start})") from err
+    return text
+
+
 def load_json(body: bytes) -> object:
     """Decode a JSON body; every malformed or hostile body raises RequestError 400."""
     try:

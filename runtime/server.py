@@ -35,7 +35,7 @@ from adalora_deploy.errors import ConfigError
 from .adapter_api import add_adapter_routes, parse_adapter_predict
 from .adapters import UnknownAdapterError
 from .generate_api import add_generate_route
-from .limits import Admission, RequestError, bind_socket, load_json, read_body, token_estimate
+from .limits import Admission, RequestError, bind_socket, check_text, load_json, read_body, token_estimate
 from .predictor import CAUSAL_LM, PredictionCancelled, Predictor, TextInput
 from .session import SessionConfig
 
@@ -128,22 +128,10 @@ def check_inputs(inputs, config: ServerConfig) -> list[TextInput]:
 
 def _check_item(i: int, item, max_chars: int) -> TextInput:
     if isinstance(item, list) and len(item) == 2:
-        return tuple(_check_text(f"inputs[{i}][{j}]", t, max_chars) for j, t in enumerate(item))
+        return tuple(check_text(f"inputs[{i}][{j}]", t, max_chars) for j, t in enumerate(item))
     if not isinstance(item, str):
         raise RequestError(422, f"inputs[{i}] must be a string or a [text, text_pair] pair of strings")
-    return _check_text(f"inputs[{i}]", item, max_chars)
-
-
-def _check_text(where: str, text, max_chars: int) -> str:
-    if not isinstance(text, str):
-        raise RequestError(422, f"{where} must be a string, got {type(text).__name__}")
-    if len(text) > max_chars:
-        raise RequestError(413, f"{where} has {len(text)} characters; at most {max_chars} (--max-chars)")
-    try:
-        text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates, which no tokenizer takes
-    except UnicodeEncodeError as err:
-        raise RequestError(400, f"{where} is not valid Unicode (lone surrogate at {err.start})") from err
-    return text
+    return check_text(f"inputs[{i}]", item, max_chars)
 
 
 @dataclass
