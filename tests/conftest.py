@@ -17,6 +17,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ID2LABEL = {0: "rotten", 1: "fresh"}
 
 
+def train_peft_adalora(model, steps: int, loss_fn, out, lr: float):
+    """PEFT's own AdaLoRA loop on a PeftModel (backward, step, update_and_allocate, zero_grad), then
+    save_pretrained(out). loss_fn(model) gives each step's loss."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        loss_fn(model).backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    return out
+
+
 def tiny_bert_config(**overrides):
     from transformers import BertConfig
 

@@ -18,7 +18,7 @@ from adalora_deploy.exporters import export
 from adalora_deploy.runtime.adapters import AdapterPackError, UnknownAdapterError
 from adalora_deploy.runtime.predictor import Predictor
 
-from .conftest import minilm_tokenizer, save_tiny_bert
+from .conftest import minilm_tokenizer, save_tiny_bert, train_peft_adalora
 
 pytestmark = pytest.mark.slow
 TEXTS = ["a quietly devastating film", "dull", "the plot never comes together, and the cast knows it",
@@ -56,15 +56,8 @@ def peft_adapter(path: Path, base_dir: Path) -> Path:
     config = AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2, lora_alpha=8, total_step=10, tinit=2,
                            tfinal=3, deltaT=1, target_modules=["key", "intermediate.dense"])
     model = get_peft_model(base, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     x, y = torch.randint(1000, 2000, (8, 12)), torch.randint(0, 2, (8,))
-    for step in range(10):
-        model(input_ids=x, labels=y).loss.backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
-    model.save_pretrained(path)
-    return path
+    return train_peft_adalora(model, 10, lambda m: m(input_ids=x, labels=y).loss, path, lr=2e-2)
 
 
 @pytest.fixture(scope="module")

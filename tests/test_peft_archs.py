@@ -9,6 +9,7 @@ import torch
 from adalora_deploy.errors import CheckpointError
 from adalora_deploy.exporters import export
 
+from .conftest import train_peft_adalora
 from .test_architectures import _save_base
 
 pytestmark = pytest.mark.slow
@@ -35,18 +36,15 @@ def _train_peft(task_type: str, base_dir, out, modules_to_save=None):
     config = AdaLoraConfig(task_type=task_type, init_r=4, target_r=2, lora_alpha=8, total_step=STEPS, tinit=1,
                            tfinal=2, deltaT=1, target_modules=targets, modules_to_save=modules_to_save)
     model = get_peft_model(model, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     torch.manual_seed(1)
     x = torch.randint(3, 290, (4, 10))
-    for step in range(STEPS):
-        out_ = model(input_ids=x, labels=x[:, 0] % 3) if task_type == "SEQ_CLS" else model(input_ids=x)
-        loss = out_.loss if task_type == "SEQ_CLS" else out_.last_hidden_state.pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    return out
+
+    def loss(m):
+        if task_type == "SEQ_CLS":
+            return m(input_ids=x, labels=x[:, 0] % 3).loss
+        return m(input_ids=x).last_hidden_state.pow(2).mean()
+
+    return train_peft_adalora(model, STEPS, loss, out, lr=5e-2)
 
 
 def _base_dir(tmp_path, model_type):

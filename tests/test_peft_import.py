@@ -12,6 +12,8 @@ from adalora_deploy.errors import CheckpointError
 from adalora_deploy.exporters import export
 from adalora_deploy.peft_import import load_peft_adapter, read_peft_adapter
 
+from .conftest import train_peft_adalora
+
 pytestmark = pytest.mark.slow
 INIT_R, ALPHA = 4, 8
 TARGETS = ["query", "value", "intermediate.dense"]
@@ -32,17 +34,10 @@ def peft_adapter(tmp_path_factory, tiny_bert_dir) -> Path:
     config = AdaLoraConfig(task_type="SEQ_CLS", init_r=INIT_R, target_r=2, lora_alpha=ALPHA, total_step=12, tinit=2,
                            tfinal=3, deltaT=1, target_modules=TARGETS)
     model = get_peft_model(_seq_cls(tiny_bert_dir), config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     torch.manual_seed(1)
     x, y = torch.randint(0, 30522, (8, 12)), torch.randint(0, 2, (8,))
-    for step in range(12):
-        model(input_ids=x, labels=y).loss.backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
     out = tmp_path_factory.mktemp("peft") / "adapter"
-    model.save_pretrained(out)
-    return out
+    return train_peft_adalora(model, 12, lambda m: m(input_ids=x, labels=y).loss, out, lr=2e-2)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from adalora_deploy.errors import CheckpointError
 from adalora_deploy.exporters import export
 from adalora_deploy.runtime import Predictor
 
+from .conftest import train_peft_adalora
 from .tiny_decoders import save_tiny_decoder
 
 pytestmark = pytest.mark.slow
@@ -42,16 +43,9 @@ def _train_peft(task_type: str, base_dir, targets: list[str], vocab: int, out):
     config = AdaLoraConfig(task_type=task_type, init_r=4, target_r=2, lora_alpha=8, total_step=STEPS, tinit=2,
                            tfinal=3, deltaT=1, target_modules=targets)
     model = get_peft_model(_base(task_type, base_dir), config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     torch.manual_seed(1)
     x = torch.randint(3, vocab, (8, 12))
-    for step in range(STEPS):
-        _loss(task_type, model, x).backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    return out
+    return train_peft_adalora(model, STEPS, lambda m: _loss(task_type, m, x), out, lr=5e-2)
 
 
 def _peft_model(task_type: str, base_dir, adapter):
