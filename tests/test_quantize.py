@@ -114,27 +114,20 @@ def test_int8_flags_need_quantize_and_fp32(tmp_path, tiny_checkpoint, tiny_eval_
 def test_serve_runs_an_int8_export_without_extra_flags(int8_root):
     """`adalora-deploy serve` on the int8 export root, provider left at auto: CPU, same labels as the Predictor."""
     import os
-    import socket
     import subprocess
     import sys
-    import time
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from .test_server import free_port, wait_until_healthy
+
+    port = free_port()
     cmd = [sys.executable, "-m", "adalora_deploy", "serve", str(int8_root), "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-            try:
-                health = httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(proc, url)
+        health = httpx.get(f"{url}/health", timeout=5)
         assert health.json()["provider"] == "CPUExecutionProvider"
         got = httpx.post(f"{url}/v1/predict", json={"inputs": TEXTS[:3]}, timeout=30).json()["predictions"]
         want = Predictor.from_pretrained(int8_root / "merged").predict(TEXTS[:3]).labels
