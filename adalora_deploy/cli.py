@@ -10,8 +10,10 @@ import os
 import sys
 
 from . import __version__
+from .flags import LazyParser
 
-# Subcommand name -> module in adalora_deploy.commands defining `add_parser(sub)` and `run(args)`.
+# Subcommand name -> module in adalora_deploy.commands defining `add_parser(sub)` and `run(args)`;
+# a command's flags are added when its parser is first used (flags.LazyParser).
 COMMANDS = ("train", "inspect", "export", "bench", "serve", "demo")
 
 
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with AdaLoRA, export pruned ONNX graphs (merged or factored), serve them.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=LazyParser)
     for name in COMMANDS:
         module = importlib.import_module(f"adalora_deploy.commands.{name}")
         module.add_parser(sub).set_defaults(_run=module.run)

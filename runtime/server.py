@@ -47,36 +47,28 @@ BODY_OVERHEAD_BYTES = 64 * 1024
 
 @dataclass
 class ServerConfig:
-    """Server and batching settings; mirrors the `adalora-deploy serve` flags.
+    """Server and batching settings, one field per `adalora-deploy serve` flag (each field's help is its flag's)."""
 
-    Args:
-        host: interface to bind; 127.0.0.1 keeps the server local.
-        port: TCP port.
-        max_batch_size: most inputs in one batched model call.
-        max_wait_ms: longest a request waits for others to share its batch.
-        max_texts: most inputs in one request.
-        max_chars: most characters in one text (each side of a pair counts separately).
-        max_queue_texts: most inputs queued or running; beyond it requests get 503 + Retry-After.
-        max_queue_tokens: most tokens (an upper-bound estimate) queued or running; beyond it 503.
-        max_batch_tokens: most padded tokens in one model call (bounds the activation memory).
-        request_timeout: seconds a request may wait and run after its body arrived; then 504.
-        body_timeout: seconds a client has to send its whole body; then 408.
-        adapter_root: multi graphs: PUT/DELETE /v1/adapters/NAME are on, for packs inside this directory
-            only; None leaves the loaded adapters fixed.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    max_texts: int = 64
-    max_chars: int = 10_000
-    max_queue_texts: int = 1024
-    max_queue_tokens: int = 131_072
-    max_batch_tokens: int = 8192
-    request_timeout: float = 30.0
-    body_timeout: float = 10.0
-    adapter_root: str | None = None
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (default: 127.0.0.1, local only)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (default: %(default)s)"})
+    max_batch_size: int = field(default=32, metadata={"help": "most inputs per model call (default: %(default)s)"})
+    max_wait_ms: float = field(default=5.0, metadata={
+        "help": "longest a request waits for others to share its batch, in ms (default: 5)"})
+    max_texts: int = field(default=64, metadata={"help": "most inputs per request (default: %(default)s)"})
+    max_chars: int = field(default=10_000, metadata={
+        "help": "most characters per text, each side of a pair counted separately (default: %(default)s)"})
+    max_queue_texts: int = field(default=1024, metadata={
+        "help": "most texts queued or running; more get 503 with Retry-After (default: %(default)s)"})
+    max_queue_tokens: int = field(default=131_072, metadata={
+        "help": "most tokens (upper-bound estimate) queued or running; more get 503 (default: %(default)s)"})
+    max_batch_tokens: int = field(default=8192, metadata={
+        "help": "most padded tokens in one model call, bounding activation memory (default: %(default)s)"})
+    request_timeout: float = field(default=30.0, metadata={
+        "help": "seconds a request may queue and run once its body arrived; then 504 (default: %(default)s)"})
+    body_timeout: float = field(default=10.0, metadata={
+        "help": "seconds a client has to send its whole request body; then 408 (default: %(default)s)"})
+    adapter_root: str | None = field(default=None, metadata={
+        "help": "multi: turn on PUT/DELETE /v1/adapters/NAME for packs inside DIR (off by default)", "metavar": "DIR"})
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_texts", "max_chars", "max_queue_texts", "max_queue_tokens",

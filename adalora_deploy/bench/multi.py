@@ -36,7 +36,7 @@ from adalora_deploy.constants import (
     UP_SUFFIX,
 )
 from adalora_deploy.errors import ConfigError
-from adalora_deploy.io import write_json
+from adalora_deploy.io import write_json, write_text_atomic
 
 from .run import make_feeds, summarize, time_cell
 from .variants import Variant
@@ -283,9 +283,9 @@ def run_multi_bench(checkpoint: str | os.PathLike, adapters: int, batch_sizes: l
               "total_ranks": ranks, "adapters_kind": "1 trained + synthetic packs derived from it (module docstring)"}
     result["targets"] = check_targets(result)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
     if markdown_path:
-        Path(markdown_path).write_text(render(result))
+        write_text_atomic(markdown_path, render(result))
     return result
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from adalora_deploy.config import check_token_lengths
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.flags import int_list
 from adalora_deploy.runtime.session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
 
 from .variants import VARIANTS, Variant
@@ -39,43 +40,47 @@ OPTIMUM_SPEEDUP = 0.10
 OPTIMUM_CELLS = ((1, 128), (32, 128))
 INT8_VS_PLAIN = 0.55
 INT8_VS_OPTIMUM_INT8 = 0.90
+PROVIDERS = ("auto", "cuda", "cpu")
+DTYPES = ("fp32", "fp16")
 
 
 @dataclass
 class BenchConfig:
-    """What `bench` measures; mirrors its flags.
+    """What `bench` measures, one field per `adalora-deploy bench` flag (each field's help is its flag's).
+    batch_sizes, seq_lens and threads are resolved when None."""
 
-    Args:
-        batch_sizes: grid rows.
-        seq_lens: grid columns (tokens per sequence, no padding).
-        runs: timed runs per variant and cell.
-        warmup: untimed runs per variant and cell, first.
-        provider: "auto", "cuda" or "cpu" for ONNX Runtime (PyTorch follows it).
-        threads: intra-op threads for ONNX Runtime and PyTorch alike.
-        dtype: "fp32", or "fp16" (CUDA only).
-        seed: seed of the random token ids.
-        int8: also time the int8 exports (merged_int8, factored_int8) and Optimum's int8 path
-            (optimum_int8), from a checkpoint; they run on the CPU, so only with provider cpu and fp32.
-        eval_data: labelled rows our int8 export is evaluated on (None: the checkpoint's held-out split).
-    """
-
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    seq_lens: list[int] = field(default_factory=lambda: [32, 128])
-    runs: int = 30
-    warmup: int = 3
-    provider: str = "auto"
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    dtype: str = "fp32"
-    seed: int = 0
-    int8: bool = False
-    eval_data: str | None = None
+    batch_sizes: list[int] | None = field(default=None, metadata={
+        "help": "grid rows (default: 1,8,32; with --adapters: 1,32)", "type": int_list})
+    seq_lens: list[int] | None = field(default=None, metadata={
+        "help": "grid columns, tokens per sequence, no padding (default: 32,128; with --adapters: 128)",
+        "type": int_list})
+    runs: int = field(default=30, metadata={"help": "timed runs per variant and cell (default: %(default)s)"})
+    warmup: int = field(default=3, metadata={"help": "untimed runs per variant and cell, first (default: %(default)s)"})
+    provider: str = field(default="auto", metadata={
+        "help": "ONNX Runtime provider, PyTorch follows it; auto takes CUDA when it really starts (default: "
+        "%(default)s)", "choices": PROVIDERS})
+    threads: int | None = field(default=None, metadata={
+        "help": "intra-op threads for ONNX Runtime and PyTorch alike (default: all logical CPUs; with "
+        "--adapters: 1)"})
+    dtype: str = field(default="fp32", metadata={"help": "graph precision; fp16 needs CUDA", "choices": DTYPES})
+    # Python only: the command line always draws its token ids with seed 0.
+    seed: int = field(default=0, metadata={"help": "seed of the random token ids", "flag": False})
+    int8: bool = field(default=False, metadata={
+        "help": "also time int8 exports (export --quantize int8, merged and factored) and Optimum's own int8 path "
+        "(ORTQuantizer, AVX512-VNNI dynamic config); they run on the CPU: needs --provider cpu"})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "labelled rows for the int8 export's evaluation (default: the checkpoint's held-out split)",
+        "metavar": "FILE"})
 
     def __post_init__(self) -> None:
+        self.batch_sizes = [1, 8, 32] if self.batch_sizes is None else self.batch_sizes
+        self.seq_lens = [32, 128] if self.seq_lens is None else self.seq_lens
+        self.threads = (os.cpu_count() or 1) if self.threads is None else self.threads
         if not self.batch_sizes or not self.seq_lens or min(self.batch_sizes + self.seq_lens) < 1:
             raise ConfigError("batch sizes and sequence lengths must be non-empty lists of integers >= 1")
         if self.runs < 1 or self.warmup < 0 or self.threads < 1:
             raise ConfigError(f"runs ({self.runs}) and threads ({self.threads}) must be >= 1, warmup >= 0")
-        if self.dtype not in ("fp32", "fp16"):
+        if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} must be fp32 or fp16")
         if self.dtype == "fp16" and self.provider != "cuda":
             raise ConfigError("fp16 graphs are benchmarked on CUDA only: pass --provider cuda")

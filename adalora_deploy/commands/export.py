@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from adalora_deploy.constants import (
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    QUESTION_ANSWERING,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
+
 MODES = ("merged", "factored", "both", "adapter", "multi")
 DTYPES = ("fp32", "fp16")
-TASKS = ("sequence-classification", "feature-extraction", "token-classification", "question-answering", "causal-lm")
+TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, CAUSAL_LM)
 QUANTIZE = ("int8",)
 
 
