@@ -5,6 +5,16 @@
 """
 
 from .errors import ExportError, ExportValidationError
-from .onnx_export import export
+from .options import ExportConfig
 
-__all__ = ["ExportError", "ExportValidationError", "export"]
+__all__ = ["ExportConfig", "ExportError", "ExportValidationError", "export"]
+
+
+def __getattr__(name: str):
+    # `export` imports torch, Optimum and onnx: loaded on first use, so that the CLI can read ExportConfig
+    # (the `export` flags) from an install without them and name the extra to install.
+    if name == "export":
+        from .onnx_export import export
+
+        return export
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

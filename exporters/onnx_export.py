@@ -49,6 +49,7 @@ from .manifest import (
     source_hash,
 )
 from .multi import export_multi
+from .options import ExportConfig
 from .quantize import (
     DEFAULT_MAX_ACCURACY_DROP,
     EvalSet,
@@ -468,11 +469,12 @@ def _check_plain_flags(mode: str, **flags) -> None:
 
 
 def export(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, *, mode: str = "both", prune_ranks: bool = False,
-    dtype: str = "fp32", opset: int | None = None, optimize: bool = True, task: str | None = None,
-    base: str | None = None, overwrite: bool = False, validate: bool = True, quantize: str | None = None,
-    eval_data: str | None = None, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-    quantize_branches: bool | None = None,
+    checkpoint: str | os.PathLike, out: str | os.PathLike, *, mode: str = ExportConfig.mode,
+    prune_ranks: bool = ExportConfig.prune_ranks, dtype: str = ExportConfig.dtype, opset: int | None = ExportConfig.opset,
+    optimize: bool = ExportConfig.optimize, task: str | None = ExportConfig.task, base: str | None = ExportConfig.base,
+    overwrite: bool = ExportConfig.overwrite, validate: bool = ExportConfig.validate,
+    quantize: str | None = ExportConfig.quantize, eval_data: str | None = ExportConfig.eval_data,
+    max_accuracy_drop: float = ExportConfig.max_accuracy_drop, quantize_branches: bool | None = ExportConfig.quantize_branches,
 ) -> Path:
     """Export a checkpoint to ONNX: OUT/merged/ and/or OUT/factored/.
 
@@ -482,23 +484,8 @@ def export(
     Args:
         checkpoint: an adalora-deploy checkpoint directory or a PEFT AdaLoRA adapter directory.
         out: the export directory; written atomically, nothing is left on error.
-        mode: "merged", "factored" or "both"; "adapter" writes an adapter pack into `out` and "multi" the
-            multi-adapter base graph into `out`/multi (docs/adapter_pack.md).
-        prune_ranks: drop masked triplets and slice P/Q to each module's effective rank first.
-        dtype: "fp32" or "fp16" (fp16 is for GPUs).
-        opset: ONNX opset; None takes Optimum's recommendation for the architecture (at least 17).
-        optimize: apply ONNX Runtime's transformer fusions and record the fused-op counts.
-        task: "sequence-classification" or "feature-extraction"; None takes the checkpoint's task.
-        base: overrides the base model the checkpoint names (a path or hub id).
-        overwrite: replace a non-empty `out`.
-        validate: check every graph against PyTorch and raise ExportValidationError on any failure.
-        quantize: "int8" for ONNX Runtime's dynamic int8 quantization of the fused graph (CPU serving),
-            judged by accuracy on labelled data; None keeps `dtype`.
-        eval_data: labelled CSV/JSONL (as `train --data` reads) the int8 graph is judged on; None takes
-            the checkpoint's held-out split when its data is known, and refuses otherwise.
-        max_accuracy_drop: most accuracy points int8 may lose against fp32; beyond it nothing is written.
-        quantize_branches: quantize the factored graph's low-rank branches too; None takes the
-            measured default (docs/quantization.md).
+        mode ... quantize_branches, validate: the fields of ExportConfig (exporters/options.py), i.e. the
+            flags of `adalora-deploy export`, with their defaults and help.
 
     Returns:
         `out` as a Path.

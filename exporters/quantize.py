@@ -24,9 +24,10 @@ from adalora_deploy.data import BUILTIN_SETS, TextDataset, heldout_split, load_d
 
 from .errors import ExportError
 from .graph import EXTERNAL_DATA_BYTES, LABEL_PREFIX
+from .options import ExportConfig
 from .specs import INT8_FUSIONS, FusionSpec
 
-DEFAULT_MAX_ACCURACY_DROP = 1.0  # accuracy points (percent)
+DEFAULT_MAX_ACCURACY_DROP = ExportConfig.max_accuracy_drop  # accuracy points (percent)
 EVAL_BATCH = 32
 
 

@@ -10,8 +10,9 @@ import pytest
 
 from adalora_deploy import flags
 from adalora_deploy.bench.run import BenchConfig
-from adalora_deploy.commands import bench, demo, serve, train
+from adalora_deploy.commands import bench, demo, export, serve, train
 from adalora_deploy.demo import BENCH_FIELDS, DEMO_DEFAULTS, DEMO_HELP, TRAIN_FIELDS, DemoConfig
+from adalora_deploy.exporters.options import ExportConfig
 from adalora_deploy.runtime.server import ServerConfig
 from adalora_deploy.train_config import TrainConfig
 
@@ -21,9 +22,10 @@ COMMANDS = {
     "bench": (bench, BenchConfig, ["some-dir"], {}),
     "demo": (demo, DemoConfig, [], {}),
     "serve": (serve, ServerConfig, ["some-dir"], {}),
+    "export": (export, ExportConfig, ["ckpt", "--out", "o"], {}),
 }
 # Fields set from Python only, on purpose: nothing else may lack a flag.
-PYTHON_ONLY = {("BenchConfig", "seed"), ("DemoConfig", "progress")}
+PYTHON_ONLY = {("BenchConfig", "seed"), ("DemoConfig", "progress"), ("ExportConfig", "validate")}
 # The public flags of each command (users' scripts depend on these names).
 PUBLIC_FLAGS = {
     "train": "--model --data --eval-data --steps --batch-size --lr --max-length --seed --init-r --target-r --alpha "
@@ -36,6 +38,8 @@ PUBLIC_FLAGS = {
     "serve": "--mode --adapters --adapter-root --host --port --provider --threads --max-batch-size --max-wait-ms "
              "--max-texts --max-chars --max-queue-texts --max-queue-tokens --max-batch-tokens --request-timeout "
              "--body-timeout --log-level",
+    "export": "--out --prune-ranks --mode --dtype --opset --optimize --no-optimize --task --base --overwrite "
+              "--quantize --eval-data --max-accuracy-drop --quantize-branches --no-quantize-branches",
 }
 
 
@@ -77,6 +81,16 @@ def test_default_flags_build_the_default_config(command):
     module, config_cls, argv, required = COMMANDS[command]
     args = command_parser(module).parse_args(argv)
     assert config_cls(**flags.config_kwargs(args, config_cls)) == config_cls(**required)
+
+
+def test_export_takes_the_export_config_fields_with_their_defaults():
+    import inspect
+
+    from adalora_deploy.exporters import export as export_function
+
+    keywords = {name: p.default for name, p in inspect.signature(export_function).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords == {f.name: flags.field_default(f) for f in dataclasses.fields(ExportConfig)}
 
 
 def test_demo_config_is_train_and_bench_fields_with_documented_defaults():
