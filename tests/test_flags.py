@@ -142,3 +142,25 @@ def test_the_cli_adds_a_command_s_flags_only_when_it_is_used():
     assert parser.parse_args(["serve", "d", "--port", "9"]).port == 9
     assert commands["serve"]._add_flags is None and commands["train"]._add_flags is not None
     assert "--max-length" in commands["train"].format_help()
+
+
+HELP_WITHOUT_EXTRAS = """
+import argparse, sys
+for name in ("torch", "transformers", "optimum", "onnx", "safetensors", "matplotlib"):
+    sys.modules[name] = None  # importing it raises ImportError, as in the serving-only install
+from adalora_deploy.cli import COMMANDS, build_parser
+parser = build_parser()
+commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+print(sum("--" in commands[name].format_help() for name in COMMANDS))
+"""
+
+
+def test_every_command_s_flags_build_without_the_extras():
+    """The config modules the flags come from are torch-free: the base install parses every command and
+    can then say which extra a command needs (tests/test_extras.py)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_EXTRAS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "6"
