@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class BatchStats:
     inputs: int = 0
     batches: int = 0
     largest_batch: int = 0
+    model_seconds: float = 0.0  # time in Predictor.predict (tokenize, run, softmax): the model thread's busy time
 
 
 @dataclass
@@ -270,6 +272,7 @@ class MicroBatcher:
                 return [], []
             flat = [x for job in batch for x in job.inputs]
             adapters = [a for job in batch for a in job.adapters] if batch[0].adapters is not None else None
+            start = time.perf_counter()
             try:
                 predictions = self.predictor.predict(
                     flat, batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
@@ -277,6 +280,8 @@ class MicroBatcher:
                 )
             except UnknownAdapterError:
                 continue  # an adapter was unloaded between the check and the run: check again
+            finally:
+                self.stats.model_seconds += time.perf_counter() - start  # only this thread writes it
             return batch, predictions.records()
 
     def _adapters_known(self, job: _Job) -> bool:
