@@ -28,12 +28,13 @@ from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, make_dataclass
 from pathlib import Path
 
-from .bench.run import PROVIDERS, BenchConfig
+from .bench.run import BenchConfig
 from .constants import CHECKPOINT_CONFIG_FILE, MANIFEST_FILE
 from .constants import DEMO_SUMMARY_FILE as SUMMARY_FILE
 from .errors import ConfigError
 from .flags import borrow
 from .io import INCOMPLETE_MARKER, check_output_dir, read_json, signals_as_exit, write_json
+from .runtime.session import PROVIDERS
 from .train_config import TrainConfig
 
 STAGES = 6
@@ -84,7 +85,7 @@ def _check_demo_config(self) -> None:
         if not math.isfinite(getattr(self, name)):
             raise ConfigError(f"{name} ({getattr(self, name)}) must be a finite number")
     if self.provider not in PROVIDERS:
-        raise ConfigError(f"provider {self.provider!r} must be auto, cuda or cpu")
+        raise ConfigError(f"provider {self.provider!r} must be one of {', '.join(PROVIDERS)}")
 
 
 DemoConfig = make_dataclass("DemoConfig", [
@@ -97,8 +98,9 @@ DemoConfig = make_dataclass("DemoConfig", [
         "help": "a few steps and a one-cell bench: a smoke run, not a result; explicit values still win"})),
     ("progress", bool, field(default=True, metadata={"help": "show stage headers and progress bars", "flag": False})),
 ], namespace={"__post_init__": _check_demo_config, "__module__": __name__, "__doc__": (
-    "The settings of `demo()`, one field per `adalora-deploy demo` flag: train's and bench's fields (the bench "
-    "ones prefixed bench_) with the demo's own defaults (DEMO_DEFAULTS), plus out, overwrite, fast, progress.")})
+    "The settings of `demo()`, one field per `adalora-deploy demo` flag (progress aside): TrainConfig's fields "
+    "TRAIN_FIELDS and BenchConfig's BENCH_FIELDS, with the demo's own defaults DEMO_DEFAULTS, plus out, "
+    "overwrite, fast and progress.")})
 
 
 @dataclass

@@ -21,7 +21,8 @@ TRAIN_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING
 @dataclass
 class TrainConfig:
     """The settings of one training run, one field per `adalora-deploy train` flag (each field's help is
-    its flag's); checked when built. tinit/tfinal/delta_t are resolved from `steps` when None."""
+    its flag's); checked when built. tinit/tfinal/delta_t are resolved from `steps` when None; the
+    method's settings default to AdaLoraConfig's."""
 
     model: str | None = field(default=None, metadata={"help":
         "base model path or hub id (default: the packaged MiniLM)"})
@@ -38,17 +39,20 @@ class TrainConfig:
     lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate (default: %(default)s)"})
     max_length: int = field(default=64, metadata={"help": "tokens per example (default: %(default)s)"})
     seed: int = field(default=0, metadata={"help": "initialisation and shuffling seed (default: %(default)s)"})
-    init_r: int = field(default=12, metadata={"help": "initial rank of every module (default: %(default)s)"})
-    target_r: int = field(default=4, metadata={"help": "average final rank (default: %(default)s)"})
-    alpha: float = field(default=32.0, metadata={"help":
+    init_r: int = field(default=AdaLoraConfig.init_r, metadata={
+        "help": "initial rank of every module (default: %(default)s)"})
+    target_r: int = field(default=AdaLoraConfig.target_r, metadata={
+        "help": "average final rank (default: %(default)s)"})
+    alpha: float = field(default=AdaLoraConfig.alpha, metadata={"help":
         "adapter scaling numerator, s = alpha / init_r (default: %(default)s)"})
     tinit: int | None = field(default=None, metadata={"help":
         "warm-up steps at the full budget (default: 10%% of --steps)"})
     tfinal: int | None = field(default=None, metadata={"help":
         "final steps with the mask fixed (default: 30%% of --steps)"})
     delta_t: int | None = field(default=None, metadata={"help": "steps between allocations (default: 1%% of --steps)"})
-    orth_reg: float = field(default=0.1, metadata={"help": "gamma of the orthogonality penalty (default: %(default)s)"})
-    importance: str = field(default="sensitivity-uncertainty", metadata={"help":
+    orth_reg: float = field(default=AdaLoraConfig.orth_reg, metadata={
+        "help": "gamma of the orthogonality penalty (default: %(default)s)"})
+    importance: str = field(default=AdaLoraConfig.importance, metadata={"help":
         "triplet importance metric (default: %(default)s)", "choices": IMPORTANCE_METRICS})
     target_modules: list[str] | None = field(default=None, metadata={"help":
         "comma-separated module-path suffixes to adapt (default: the architecture's attention and FFN "

@@ -470,11 +470,13 @@ def _check_plain_flags(mode: str, **flags) -> None:
 
 def export(
     checkpoint: str | os.PathLike, out: str | os.PathLike, *, mode: str = ExportConfig.mode,
-    prune_ranks: bool = ExportConfig.prune_ranks, dtype: str = ExportConfig.dtype, opset: int | None = ExportConfig.opset,
-    optimize: bool = ExportConfig.optimize, task: str | None = ExportConfig.task, base: str | None = ExportConfig.base,
+    prune_ranks: bool = ExportConfig.prune_ranks, dtype: str = ExportConfig.dtype,
+    opset: int | None = ExportConfig.opset, optimize: bool = ExportConfig.optimize,
+    task: str | None = ExportConfig.task, base: str | None = ExportConfig.base,
     overwrite: bool = ExportConfig.overwrite, validate: bool = ExportConfig.validate,
     quantize: str | None = ExportConfig.quantize, eval_data: str | None = ExportConfig.eval_data,
-    max_accuracy_drop: float = ExportConfig.max_accuracy_drop, quantize_branches: bool | None = ExportConfig.quantize_branches,
+    max_accuracy_drop: float = ExportConfig.max_accuracy_drop,
+    quantize_branches: bool | None = ExportConfig.quantize_branches,
 ) -> Path:
     """Export a checkpoint to ONNX: OUT/merged/ and/or OUT/factored/.
 

@@ -30,7 +30,13 @@ import numpy as np
 from adalora_deploy.config import check_token_lengths
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.flags import int_list
-from adalora_deploy.runtime.session import CPU_DISABLED_OPTIMIZERS, CPU_EP, ExportDirError, SessionConfig
+from adalora_deploy.runtime.session import (
+    CPU_DISABLED_OPTIMIZERS,
+    CPU_EP,
+    PROVIDERS,
+    ExportDirError,
+    SessionConfig,
+)
 
 from .variants import VARIANTS, Variant
 
@@ -40,7 +46,6 @@ OPTIMUM_SPEEDUP = 0.10
 OPTIMUM_CELLS = ((1, 128), (32, 128))
 INT8_VS_PLAIN = 0.55
 INT8_VS_OPTIMUM_INT8 = 0.90
-PROVIDERS = ("auto", "cuda", "cpu")
 DTYPES = ("fp32", "fp16")
 
 

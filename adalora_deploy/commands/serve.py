@@ -19,6 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     from adalora_deploy.runtime.server import ServerConfig
+    from adalora_deploy.runtime.session import PROVIDERS
 
     p.add_argument("dir", metavar="DIR", help="one mode's export directory, or an export root (see --mode)")
     p.add_argument("--mode", choices=SERVE_MODES, default=None,
@@ -28,7 +29,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", nargs="+", default=None, metavar="NAME=PATH",
                    help="multi: adapter packs (`export --prune-ranks --mode adapter`) to serve, each under its NAME")
     add_config_flags(p, ServerConfig)
-    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+    p.add_argument("--provider", choices=PROVIDERS, default="auto",
                    help="ONNX Runtime provider: auto takes CUDA when it really starts, else CPU (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: 0, one per core)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
