@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adalora_deploy.bench.run import make_feeds
 from adalora_deploy.exporters import export
 from adalora_deploy.io import read_json
+from adalora_deploy.ort import CPU_EP, inference_session
 from adalora_deploy.prune import prune
 
 HERE = Path(__file__).resolve().parent
@@ -167,13 +169,10 @@ def measure_latency(variants: dict[str, tuple[Path, list[str]]], vocab: int, run
     for name, (path, disabled) in variants.items():
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                              disabled_optimizers=disabled)
+        sessions[name] = inference_session(path, [CPU_EP], options, disabled)
     cells = []
     for batch, seq in SHAPES:
-        rng = np.random.default_rng(0)
-        feeds = {"input_ids": rng.integers(1000, vocab, (batch, seq)), "attention_mask": np.ones((batch, seq), np.int64),
-                 "token_type_ids": np.zeros((batch, seq), np.int64)}
+        feeds = make_feeds(batch, seq, vocab, 0)
         for s in sessions.values():  # warm-up
             s.run(None, feeds)
         times: dict[str, list[float]] = {name: [] for name in sessions}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,9 +30,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from adalora_deploy.bench.profile import op_times
 from adalora_deploy.bench.run import BenchConfig, make_feeds, summarize, time_cell
 from adalora_deploy.bench.variants import Variant, optimum_plain_export
-from adalora_deploy.runtime.session import CPU_DISABLED_OPTIMIZERS, SessionConfig, open_session
+from adalora_deploy.runtime.session import SessionConfig, open_session, session_options
 
 NO_SKIP = {"enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False}
 # Fusion option overrides per variant; every variant uses the raw 2-D attention mask, as our exporter does.
@@ -61,27 +61,16 @@ def fused(plain: Path, out: Path, config, overrides: dict) -> Path:
     return out
 
 
-def op_profile(path: Path, feeds: dict, threads: int, runs: int = 10) -> dict[str, float]:
-    """ms per run spent in each operator type, from ORT's profiler."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.enable_profiling = threads, True
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.profile_file_prefix = str(path.with_suffix(""))
-    # the same graph optimisers as open_session's CPU sessions
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
-    names = {i.name for i in session.get_inputs()}
-    for _ in range(runs):
-        session.run(None, {k: v for k, v in feeds.items() if k in names})
-    trace = session.end_profiling()
-    per_op = collections.Counter()
-    for event in json.loads(Path(trace).read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
-    os.remove(trace)
-    return dict(per_op.most_common(8))
+def profile_lines(paths: dict[str, Path], names: tuple[str, ...], feeds: dict, threads: int) -> list[str]:
+    """One line per graph: its 8 op types with the most kernel time, ms per run (ORT's profiler), in
+    sessions like open_session's CPU ones; total is their sum."""
+    lines = []
+    for name in names:
+        options = session_options(SessionConfig(provider="cpu", intra_op_threads=threads, spinning=False))
+        profile = dict(list(op_times(paths[name], feeds, options)[1].items())[:8])
+        lines.append(f"- {name}: total {sum(profile.values()):.1f}; "
+                     + ", ".join(f"{op} {ms:.2f}" for op, ms in profile.items()))
+    return lines
 
 
 BRANCH = "adalora_branch:"  # exporters.graph labels branch nodes "adalora_branch:<module>/down|up|add"
@@ -220,11 +209,8 @@ def factored_section(checkpoint: Path, tmp: Path, cells, vocab: int, args) -> li
     lines += timed_table(paths, "merged", cells, vocab, args)
     b, s = cells[-1]
     lines += ["", f"Per-operator kernel time, ms per run (batch {b}, seq {s}):", ""]
-    for name in ("merged", "factored", "factored_widened_shared_down"):
-        profile = op_profile(paths[name], make_feeds(b, s, vocab, 0), args.threads)
-        lines.append(f"- {name}: total {sum(profile.values()):.1f}; "
-                     + ", ".join(f"{op} {ms:.2f}" for op, ms in profile.items()))
-    return lines
+    return lines + profile_lines(paths, ("merged", "factored", "factored_widened_shared_down"),
+                                 make_feeds(b, s, vocab, 0), args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,10 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         b, s = cells[-1]
         lines += ["", f"Per-operator kernel time, ms per run (batch {b}, seq {s}, ORT profiler, sessions as "
                   "above):", ""]
-        for name in ("optimum_plain", "no_skip_layernorm", "all_fusions"):
-            profile = op_profile(paths[name], make_feeds(b, s, vocab, 0), args.threads)
-            lines.append(f"- {name}: total {sum(profile.values()):.1f}; "
-                         + ", ".join(f"{op} {ms:.2f}" for op, ms in profile.items()))
+        lines += profile_lines(paths, ("optimum_plain", "no_skip_layernorm", "all_fusions"),
+                               make_feeds(b, s, vocab, 0), args.threads)
         lines += factored_section(Path(args.checkpoint), tmp, cells, vocab, args)
     text = "\n".join(lines) + "\n"
     print(text)

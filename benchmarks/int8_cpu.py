@@ -18,9 +18,7 @@ AVX512-VNNI dynamic config, per-channel). Then:
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from adalora_deploy.bench.profile import op_times
 from adalora_deploy.bench.run import BenchConfig, make_feeds, summarize, time_cell
 from adalora_deploy.bench.variants import Variant, optimum_int8_export, optimum_plain_export
 from adalora_deploy.exporters import export
@@ -108,32 +107,13 @@ def latency_section(paths: dict[str, Path], args) -> list[str]:
     return lines
 
 
-def op_shares(path: Path, feeds: dict, threads: int, runs: int = 10) -> tuple[float, dict[str, float]]:
-    """(kernel ms per run, {op type: ms per run}) from ORT's profiler, default session options."""
-    import onnxruntime as ort
-
-    options = default_options(threads)
-    options.enable_profiling = True
-    options.profile_file_prefix = str(path.parent / "profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    for _ in range(runs):
-        session.run(None, {k: v for k, v in feeds.items() if k in names})
-    trace = Path(session.end_profiling())
-    per_op = collections.Counter()
-    for event in json.loads(trace.read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
-    os.remove(trace)
-    return sum(per_op.values()), dict(per_op.most_common())
-
-
 def profile_section(paths: dict[str, Path], args) -> list[str]:
     lines = []
     for b, s in CELLS:
         lines += ["", f"Kernel time by op type, ms per run and share (batch {b}, seq {s}, 10 runs):", ""]
         for name in PROFILED:
-            total, ops = op_shares(paths[name] / "model.onnx", make_feeds(b, s, args.vocab, 0), args.threads)
+            total, ops = op_times(paths[name] / "model.onnx", make_feeds(b, s, args.vocab, 0), default_options(args.threads),
+                                  disabled=[])
             shares = ", ".join(f"{op} {ms:.2f} ({100 * ms / total:.0f}%)" for op, ms in ops.items() if ms >= 0.01 * total)
             lines.append(f"- {name}: total {total:.1f}; {shares}")
     return lines

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from adalora_deploy.constants import PAST_PREFIX
+from adalora_deploy.ort import empty_past, position_ids
 
-from .validate import CASES, InputCase, Probe, make_inputs, position_ids
+from .validate import CASES, InputCase, Probe, make_inputs
 
 NEW_TOKENS = 3  # tokens fed with a past in the decode check
 
@@ -25,20 +26,10 @@ def past_names(input_names: list[str]) -> list[str]:
     return [n for n in input_names if n.startswith(PAST_PREFIX)]
 
 
-def empty_past(runner, batch: int) -> dict[str, np.ndarray]:
-    """Past key/values of length 0, shaped from the graph's (batch, heads, past, head_dim) inputs."""
-    shapes = {i.name: i.shape for i in runner.session.get_inputs()}
-    return {
-        name: np.zeros((batch, shapes[name][1], 0, shapes[name][3]), dtype=np.float32)
-        for name in past_names(runner.input_names)
-    }
-
-
 def prefill_inputs(case: InputCase, config, runner, seed: int) -> dict[str, np.ndarray]:
-    """A left-padded batch with an empty past."""
-    base = make_inputs(case, config, ["input_ids", "attention_mask"], seed=seed)
-    inputs = {**base, "position_ids": position_ids(base["attention_mask"]), **empty_past(runner, case.batch)}
-    return {name: inputs[name] for name in runner.input_names}
+    """A left-padded batch (positions from its mask) with an empty past."""
+    text = [n for n in runner.input_names if not n.startswith(PAST_PREFIX)]
+    return {**make_inputs(case, config, text, seed=seed), **empty_past(runner.session.get_inputs(), case.batch)}
 
 
 @torch.no_grad()

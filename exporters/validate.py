@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adalora_deploy.ort import inference_session, providers_for, token_inputs
+
 from .errors import ExportValidationError
 
 
@@ -31,45 +33,18 @@ class InputCase:
 CASES = (InputCase(1, 8, "none"), InputCase(2, 17, "right"), InputCase(4, 33, "right"), InputCase(3, 12, "left"))
 
 
-def _attention_mask(case: InputCase) -> np.ndarray:
-    # Row i keeps seq - i * step tokens (at least 1), so the rows of a batch differ in length.
-    step = case.seq // (case.batch + 1) if case.padding != "none" else 0
-    mask = np.zeros((case.batch, case.seq), dtype=np.int64)  # (B, T)
-    for i in range(case.batch):
-        n = max(1, case.seq - i * step)
-        if case.padding == "left":
-            mask[i, case.seq - n:] = 1
-        else:
-            mask[i, :n] = 1
-    return mask
-
-
-def position_ids(mask: np.ndarray) -> np.ndarray:
-    """transformers' generate(): cumsum(mask) - 1, and 1 on padded positions."""
-    positions = np.cumsum(mask, axis=-1) - 1  # (B, T)
-    return np.where(mask == 0, 1, positions).astype(np.int64)
-
-
 def make_inputs(case: InputCase, config, input_names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
     """Random token ids with the case's padding, for the graph's input names, as the model expects them:
     padding with the config's pad id, segment ids only where the model has token types
     (type_vocab_size > 0; DeBERTaV3 has none) and position ids from the mask."""
-    rng = np.random.default_rng(seed)
-    shape = (case.batch, case.seq)
-    mask = _attention_mask(case)
     pad = getattr(config, "pad_token_id", None) or 0
     # Real tokens are never pad or EOS: decoder heads find a row's last token by looking for the pad id.
     allowed = np.setdiff1d(np.arange(config.vocab_size), [pad, getattr(config, "eos_token_id", None) or pad])
-    ids = allowed[rng.integers(0, len(allowed), shape)].astype(np.int64)  # (B, T)
-    values = {"input_ids": np.where(mask == 1, ids, pad), "attention_mask": mask,
-              "position_ids": position_ids(mask)}
-    types = getattr(config, "type_vocab_size", 0) or 0
-    if types > 0:
-        values["token_type_ids"] = rng.integers(0, types, shape, dtype=np.int64) * mask
-    unknown = [name for name in input_names if name not in values]
-    if unknown:
-        raise ExportValidationError([f"cannot generate validation inputs for graph inputs {unknown}"])
-    return {name: values[name] for name in input_names}
+    try:
+        return token_inputs(case.batch, case.seq, allowed, seed=seed, padding=case.padding, pad_id=pad,
+                            type_vocab_size=getattr(config, "type_vocab_size", 0) or 0, names=input_names)
+    except ValueError as err:
+        raise ExportValidationError([f"validation: {err}"]) from err
 
 
 @torch.no_grad()
@@ -106,27 +81,11 @@ def plain_probes(config, input_names: list[str], outputs: tuple[str, ...]) -> li
     return probes
 
 
-def _providers(prefer_cuda: bool) -> list[str]:
-    import onnxruntime as ort
-
-    cuda = prefer_cuda and "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-
-
-def _cuda_device() -> bool:
-    # onnxruntime-gpu lists the CUDA provider even on machines without a GPU; ask the driver.
-    return Path("/proc/driver/nvidia/version").exists() or torch.cuda.is_available()
-
-
 class OrtRunner:
     """An ONNX Runtime session over one exported graph (CUDA for fp16 when a GPU exists, else CPU)."""
 
     def __init__(self, path: Path, prefer_cuda: bool = False):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the fused graph's harmless "unused initializer" warnings
-        self.session = ort.InferenceSession(str(path), options, providers=_providers(prefer_cuda))
+        self.session = inference_session(path, providers_for("auto" if prefer_cuda else "cpu"))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = self.session.get_providers()[0]

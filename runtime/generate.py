@@ -18,6 +18,7 @@ import numpy as np
 
 from adalora_deploy.constants import PAST_PREFIX, PRESENT_PREFIX
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.ort import empty_past, position_ids
 
 
 @dataclass
@@ -47,12 +48,6 @@ class GenerationConfig:
             raise ConfigError(f"temperature ({self.temperature}) must be > 0; use do_sample=false for greedy decoding")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p ({self.top_p}) must be in (0, 1]")
-
-
-def position_ids(mask: np.ndarray) -> np.ndarray:
-    """transformers' generate(): cumsum(mask) - 1, and 1 on padded positions."""
-    positions = np.cumsum(mask, axis=-1) - 1  # (B, T)
-    return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,13 +101,10 @@ class Generator:
             raise ConfigError(
                 f"{session.path} takes no past key values: export the model with --task causal-lm to generate"
             )
-        inputs = {i.name: i for i in session.session.get_inputs()}
-        # (batch, heads, past, head_dim): the two static dims of every past input, and its dtype
-        self.past_dims = {n: (inputs[n].shape[1], inputs[n].shape[3]) for n in self.past_names}
-        self.past_dtype = np.float16 if inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+        self.graph_inputs = session.session.get_inputs()
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        return {n: np.zeros((batch, h, 0, d), dtype=self.past_dtype) for n, (h, d) in self.past_dims.items()}
+        return empty_past(self.graph_inputs, batch)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
         """One step; (last-position logits (B, V), {past input name: array or OrtValue})."""

@@ -1,40 +1,33 @@
-"""ONNX Runtime sessions on an export directory: provider choice (CUDA when it really starts, else
-CPU), session options, and IOBinding with device-resident inputs and outputs on CUDA."""
+"""ONNX Runtime sessions on an export directory: SessionConfig and its session options, the export
+directory's layout, and IOBinding with device-resident inputs and outputs on CUDA. The CUDA check,
+provider choice and dummy inputs are adalora_deploy.ort's, shared with the exporters and benchmarks."""
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from adalora_deploy.constants import ADAPTER_INDEX_INPUT, MANIFEST_FILE, MODEL_FILE, SERVE_MODES
-from adalora_deploy.errors import AdaLoraDeployError, CheckpointError, ConfigError
+from adalora_deploy.constants import MANIFEST_FILE, MODEL_FILE, SERVE_MODES
+from adalora_deploy.errors import ConfigError
 from adalora_deploy.io import read_json
+from adalora_deploy.ort import (
+    CPU_EP,
+    CUDA_EP,
+    PROVIDERS,
+    ExportDirError,
+    ProviderUnavailableError,
+    dummy_inputs,
+    inference_session,
+    providers_for,
+)
 
-PROVIDERS = ("auto", "cuda", "cpu")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
-CUDA_EP = "CUDAExecutionProvider"
-CPU_EP = "CPUExecutionProvider"
 
 # Shape of the dummy batch used for the warm-up run: small, so that warming up costs little.
 WARMUP_SHAPE = (1, 8)
-# ONNX Runtime graph optimisers that CPU-only sessions turn off. SkipLayerNormFusion folds the residual
-# Add (+ bias Add) + LayerNormalization into SkipLayerNormalization, whose CPU kernel in onnxruntime
-# 1.31 is slower than the ops it replaces: MiniLM's merged graph ran 1.08x (1 x 128) and 1.04x
-# (32 x 128) Optimum's plain export with it, 0.98x and 0.97x without (benchmarks/latency_cpu_notes.md).
-# On CUDA the fused kernel pays, so sessions that may run on CUDA keep it.
-CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-
-
-class ProviderUnavailableError(AdaLoraDeployError):
-    """An execution provider was asked for explicitly but ONNX Runtime cannot start it here."""
-
-
-class ExportDirError(CheckpointError):
-    """An export directory is missing, incomplete or corrupt."""
 
 
 @dataclass
@@ -123,54 +116,13 @@ def is_quantized(model_dir: str | os.PathLike) -> bool:
     return bool((read_manifest(model_dir) or {}).get("quantization"))
 
 
-# A one-node ONNX model (y = Relu(x), x and y float [1], opset 13, IR version 8), serialized, to find
-# out whether an execution provider really starts. Written out as bytes so that serving needs no `onnx`
-# package; tests/test_layers.py checks it against onnx.helper's build of the same model.
-PROBE_MODEL = (
-    b'\x08\x08:7\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08'
-    b'\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r'
-)
-
-
-@functools.lru_cache(maxsize=8)
-def cuda_status(device_id: int = 0) -> tuple[bool, str]:
-    """(usable, reason): whether ONNX Runtime can start its CUDA provider on `device_id`.
-
-    onnxruntime-gpu lists CUDAExecutionProvider as available even where the CUDA libraries or the
-    GPU are missing; it then falls back to CPU with a logged error. Only creating a session and
-    reading back its providers tells the truth, so we do that once on a one-node model.
-    """
-    import onnxruntime as ort
-
-    if CUDA_EP not in ort.get_available_providers():
-        return False, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
-    ort.set_default_logger_severity(4)  # the failed library load is expected here: keep it quiet
-    try:
-        probe = ort.InferenceSession(PROBE_MODEL, providers=[(CUDA_EP, {"device_id": device_id})])
-        started = probe.get_providers()[0] == CUDA_EP
-    except Exception as err:  # ORT raises its own Fail/RuntimeException types here
-        return False, f"ONNX Runtime failed to start CUDA ({str(err).splitlines()[0]})"
-    finally:
-        ort.set_default_logger_severity(2)
-    if not started:
-        return False, "ONNX Runtime could not start CUDA (no GPU, or CUDA 13 / cuDNN 9 libraries missing)"
-    return True, "ok"
-
-
 def choose_providers(config: SessionConfig) -> list:
     """The provider list for InferenceSession; raises when CUDA is asked for and cannot start."""
-    if config.provider == "cpu":
-        return [CPU_EP]
-    usable, reason = cuda_status(config.device_id)
-    if usable:
-        return [(CUDA_EP, _cuda_options(config)), CPU_EP]
-    if config.provider == "cuda":
-        raise ProviderUnavailableError(f"--provider cuda: {reason}; use --provider auto or cpu")
-    return [CPU_EP]
+    return providers_for(config.provider, config.device_id, _cuda_options(config))
 
 
 def _cuda_options(config: SessionConfig) -> dict:
-    options = {"device_id": config.device_id}
+    options = {}
     if not config.memory_arena:
         options["arena_extend_strategy"] = "kSameAsRequested"  # grow by exactly what is asked
     return options
@@ -201,12 +153,6 @@ def session_options(config: SessionConfig):
     if config.optimized_model_path:
         so.optimized_model_filepath = str(config.optimized_model_path)
     return so
-
-
-def disabled_optimizers(providers: list) -> list[str]:
-    """Graph optimisers to turn off for a session on `providers`: CPU_DISABLED_OPTIMIZERS when only
-    the CPU provider runs, none when CUDA may take the graph."""
-    return list(CPU_DISABLED_OPTIMIZERS) if providers == [CPU_EP] else []
 
 
 class OrtSession:
@@ -279,25 +225,8 @@ class OrtSession:
         return binding.copy_outputs_to_cpu()
 
     def dummy_feeds(self, shape: tuple[int, int] = WARMUP_SHAPE) -> dict[str, np.ndarray]:
-        """All-ones integer (zeros float) inputs of `shape`, for warm-up and benchmarks."""
-        feeds = {}
-        multi = ADAPTER_INDEX_INPUT in self.input_names
-        for node in self.session.get_inputs():
-            if multi and node.name == ADAPTER_INDEX_INPUT:
-                feeds[node.name] = np.zeros(shape[0], dtype=np.int64)
-                continue
-            if multi and "int" not in node.type:  # one all-zero adapter; its rank dimensions 1
-                feeds[node.name] = np.zeros([d if isinstance(d, int) else 1 for d in node.shape], np.float32)
-                continue
-            if node.name.startswith("past_key_values."):  # (batch, heads, past 0, head_dim): an empty past
-                dtype = np.float16 if node.type == "tensor(float16)" else np.float32
-                feeds[node.name] = np.zeros((shape[0], node.shape[1], 0, node.shape[3]), dtype=dtype)
-                continue
-            is_int = "int" in node.type
-            dtype = np.int64 if node.type == "tensor(int64)" else (np.int32 if is_int else np.float32)
-            fill = 1 if is_int and node.name != "token_type_ids" else 0
-            feeds[node.name] = np.full(shape, fill, dtype=dtype)
-        return feeds
+        """Inputs of `shape` for every graph input (adalora_deploy.ort.dummy_inputs), for warm-up and benchmarks."""
+        return dummy_inputs(self.session.get_inputs(), *shape)
 
     def warmup(self) -> None:
         """One dummy batch: CUDA initialises kernels, and both providers their arenas, on first use."""
@@ -314,21 +243,13 @@ def open_session(model: str | os.PathLike, config: SessionConfig | None = None) 
     Returns:
         An OrtSession; `.provider` reports the provider that actually runs.
     """
-    import onnxruntime as ort
-
     config = config or SessionConfig()
     path = Path(model)
     path = path / MODEL_FILE if path.is_dir() else path
     if not path.is_file():
         raise ExportDirError(f"ONNX model not found: {path}; run `adalora-deploy export` first")
     providers = [CPU_EP] if config.provider == "auto" and is_quantized(path.parent) else choose_providers(config)
-    try:
-        session = ort.InferenceSession(
-            str(path), session_options(config), providers=providers, disabled_optimizers=disabled_optimizers(providers)
-        )
-    except Exception as err:  # InvalidProtobuf, Fail, ...: ORT's exception types are not public
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportDirError(f"{path} could not be loaded by ONNX Runtime ({first}): re-export it") from err
+    session = inference_session(path, providers, session_options(config))
     opened = OrtSession(session, config, path)
     if config.provider == "cuda" and not opened.on_cuda:
         raise ProviderUnavailableError(f"--provider cuda: ONNX Runtime fell back to {opened.provider}")

@@ -11,7 +11,7 @@ from adalora_deploy.bench.run import BenchConfig, check_targets, time_cell
 from adalora_deploy.bench.variants import VARIANTS, Variant
 from adalora_deploy.cli import main
 from adalora_deploy.model import AdaLoraModel
-from adalora_deploy.runtime.session import cuda_status
+from adalora_deploy.ort import cuda_status
 
 
 def test_flops_by_hand(tiny_checkpoint):

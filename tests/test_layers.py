@@ -28,7 +28,9 @@ EXPORTERS, RUNTIME = "adalora_deploy.exporters", "adalora_deploy.runtime"
 # What the serving path may import besides the standard library and itself.
 SERVING_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "fastapi", "uvicorn", "pydantic", "starlette"}
 SERVING_CORE = {"adalora_deploy", "adalora_deploy.config", "adalora_deploy.constants", "adalora_deploy.errors",
-                "adalora_deploy.io"}
+                "adalora_deploy.io", "adalora_deploy.ort"}
+# The one ONNX Runtime helper, imported by the exporters, the serving path and the benchmarks alike.
+ORT_HELPER = "adalora_deploy.ort"
 
 
 def _within(name: str, package: str) -> bool:
@@ -114,7 +116,19 @@ def serving_rule(module: str, name: str) -> str | None:
     return "the serving path needs only onnxruntime, tokenizers, numpy, fastapi and uvicorn"
 
 
-@pytest.mark.parametrize("rule", [core_rule, exporters_rule, serving_rule], ids=["core", "exporters", "serving"])
+def ort_helper_rule(module: str, name: str) -> str | None:
+    if module != ORT_HELPER:
+        return None
+    top = name.split(".")[0]
+    if name in ("adalora_deploy.constants", "adalora_deploy.errors") or top in ("numpy", "onnxruntime", "__future__"):
+        return None
+    if top != "adalora_deploy" and top in sys.stdlib_module_names:
+        return None
+    return "the ONNX Runtime helper imports only numpy, onnxruntime, constants and errors"
+
+
+@pytest.mark.parametrize("rule", [core_rule, exporters_rule, serving_rule, ort_helper_rule],
+                         ids=["core", "exporters", "serving", "ort-helper"])
 def test_imports_run_one_way(rule):
     assert violations(rule) == []
 
@@ -127,6 +141,8 @@ def test_the_contract_sees_imports_inside_functions(tmp_path, monkeypatch):
     bad_runtime.write_text("def f():\n    import torch\n    from transformers import AutoTokenizer\n")
     bad_core = tmp_path / "core" / "model.py"
     bad_core.write_text("def g():\n    from .exporters import export\n    from .runtime.session import x\n")
+    bad_helper = tmp_path / "core" / "ort.py"
+    bad_helper.write_text("import onnxruntime\ndef h():\n    import torch\n    from .model import g\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE_DIRS",
                         {"adalora_deploy": tmp_path / "core", "adalora_deploy.runtime": tmp_path / "runtime"})
@@ -134,6 +150,23 @@ def test_the_contract_sees_imports_inside_functions(tmp_path, monkeypatch):
         "torch", "transformers", "transformers.AutoTokenizer"}
     assert {v.split(" imports ")[1].split(":")[0] for v in violations(core_rule)} >= {
         "adalora_deploy.exporters", "adalora_deploy.runtime.session"}
+    assert {v.split(" imports ")[1].split(":")[0] for v in violations(ort_helper_rule)} == {
+        "torch", "adalora_deploy.model"}
+
+
+# Calls that open or probe ONNX Runtime sessions; only the helper makes them (tests may, as references).
+SESSION_CALLS = ("InferenceSession(", "get_available_providers(")
+
+
+def test_sessions_are_opened_by_the_one_helper():
+    """adalora_deploy.ort is the only code that opens an InferenceSession or lists providers: exporters,
+    serving and benchmarks go through it, so the CUDA check and the CPU session rules cannot diverge."""
+    helper = ROOT / "adalora_deploy" / "ort.py"
+    sources = [p for d in ("adalora_deploy", "exporters", "runtime", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    assert helper in sources and all(call in helper.read_text() for call in SESSION_CALLS)
+    found = [f"{p.relative_to(ROOT)}: {call}" for p in sources if p != helper for call in SESSION_CALLS
+             if call in p.read_text()]
+    assert found == []
 
 
 SERVE_WITHOUT_TORCH = """
@@ -177,10 +210,10 @@ def test_serving_runs_without_loading_torch(tiny_export_root):
 
 
 def test_the_cuda_probe_model_is_the_one_onnx_builds():
-    """session.PROBE_MODEL is written out as bytes so that serving needs no `onnx`: the same model."""
+    """ort.PROBE_MODEL is written out as bytes so that serving needs no `onnx`: the same model."""
     from onnx import TensorProto, helper
 
-    from adalora_deploy.runtime.session import PROBE_MODEL
+    from adalora_deploy.ort import PROBE_MODEL
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from adalora_deploy.errors import AdaLoraDeployError, ConfigError
+from adalora_deploy.ort import cuda_status
 from adalora_deploy.runtime.session import (
     CPU_EP,
     CUDA_EP,
     ExportDirError,
     ProviderUnavailableError,
     SessionConfig,
-    cuda_status,
     open_session,
     resolve_export_dir,
 )

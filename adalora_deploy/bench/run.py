@@ -30,13 +30,8 @@ import numpy as np
 from adalora_deploy.config import check_token_lengths
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.flags import int_list
-from adalora_deploy.runtime.session import (
-    CPU_DISABLED_OPTIMIZERS,
-    CPU_EP,
-    PROVIDERS,
-    ExportDirError,
-    SessionConfig,
-)
+from adalora_deploy.ort import PROVIDERS, ExportDirError, disabled_optimizers, token_inputs
+from adalora_deploy.runtime.session import SessionConfig
 
 from .variants import VARIANTS, Variant
 
@@ -98,14 +93,9 @@ class BenchConfig:
 
 
 def make_feeds(batch: int, seq: int, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Random token ids (no special or padding ids), full attention, segment 0."""
-    rng = np.random.default_rng(seed)
-    low = min(1000, vocab_size - 1)
-    return {
-        "input_ids": rng.integers(low, vocab_size, size=(batch, seq), dtype=np.int64),  # (B, T)
-        "attention_mask": np.ones((batch, seq), dtype=np.int64),  # (B, T)
-        "token_type_ids": np.zeros((batch, seq), dtype=np.int64),  # (B, T)
-    }
+    """Random token ids from [min(1000, vocab_size - 1), vocab_size) (past BERT's special and unused ids),
+    full attention, segment 0: int64 (batch, seq) input_ids, attention_mask, token_type_ids."""
+    return token_inputs(batch, seq, np.arange(min(1000, vocab_size - 1), vocab_size), seed=seed)
 
 
 def time_cell(variants: list[Variant], feeds: dict, config: BenchConfig, progress=None) -> dict[str, list[float]]:
@@ -242,8 +232,7 @@ def header(config: BenchConfig, variants: list[Variant], source: Path, command: 
         "threads": {"ort_intra_op": config.threads, "ort_inter_op": 1, "ort_spinning": False,
                     "torch": torch.get_num_threads() if torch else None, "cpu_count": os.cpu_count()},
         # every ONNX variant, Optimum's plain export included, gets the same session options
-        "ort_session": {"graph_optimization": "all",
-                        "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS) if ort_providers == [CPU_EP] else []},
+        "ort_session": {"graph_optimization": "all", "disabled_optimizers": disabled_optimizers(ort_providers)},
         "dtype": config.dtype, "runs": config.runs, "warmup": config.warmup,
         "batch_sizes": config.batch_sizes, "seq_lens": config.seq_lens,
         "versions": {
