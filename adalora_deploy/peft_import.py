@@ -23,18 +23,27 @@ from pathlib import Path
 import torch
 
 from .config import AdaLoraConfig
-from .constants import LABELLED_TASKS, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from .constants import (
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    LABELLED_TASKS,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    QUESTION_ANSWERING,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
 from .errors import CheckpointError
 from .io import load_safetensors, read_json
 
 PEFT_PREFIX = "base_model.model."
 RANKNUM_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5)
 PEFT_TASKS = {
-    "SEQ_CLS": "sequence-classification", "FEATURE_EXTRACTION": "feature-extraction",
-    "TOKEN_CLS": "token-classification", "QUESTION_ANS": "question-answering", "CAUSAL_LM": "causal-lm",
+    "SEQ_CLS": SEQUENCE_CLASSIFICATION, "FEATURE_EXTRACTION": FEATURE_EXTRACTION,
+    "TOKEN_CLS": TOKEN_CLASSIFICATION, "QUESTION_ANS": QUESTION_ANSWERING, "CAUSAL_LM": CAUSAL_LM,
 }
 # Tasks whose head is newly initialised on the base model, so PEFT must have saved it (modules_to_save).
-HEADED_TASKS = ("sequence-classification", "token-classification", "question-answering")
+HEADED_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING)
 PEFT_TO_TRIPLET = {"lora_A": "Q", "lora_E": "lam", "lora_B": "P"}
 
 
@@ -159,7 +168,7 @@ def peft_scaling(config: dict) -> float:
 def _task(config: dict, head: dict, path: Path) -> str:
     task_type = config.get("task_type")
     if task_type is None:
-        return "sequence-classification" if head else "feature-extraction"
+        return SEQUENCE_CLASSIFICATION if head else FEATURE_EXTRACTION
     if task_type not in PEFT_TASKS:
         raise CheckpointError(
             f"{path}: PEFT task_type {task_type!r} is not supported; supported: {', '.join(PEFT_TASKS)}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from .constants import CAUSAL_LM, QUESTION_ANSWERING, TOKEN_CLASSIFICATION
 from .data import SPLIT_SEED, encode_labels, label2id, read_rows
 from .errors import DataError
 
@@ -141,7 +142,7 @@ def token_classification_rows(rows: list[dict], where: str, id2label: dict[int, 
     start = 0
     for row in checked:
         row["tag_ids"], start = ids[start:start + len(row["tags"])], start + len(row["tags"])
-    return RowDataset("token-classification", checked, where, id2label)
+    return RowDataset(TOKEN_CLASSIFICATION, checked, where, id2label)
 
 
 def _answer(row: dict, where: str, i: int) -> tuple[str, int]:
@@ -173,7 +174,7 @@ def question_answering_rows(rows: list[dict], where: str, id2label=None) -> RowD
                 f"{context[start:start + len(text)]!r}, not the answer {text!r}; fix answer_start (0-based characters)"
             )
         checked.append({"question": question, "context": context, "answer_text": text, "answer_start": start})
-    return RowDataset("question-answering", checked, where)
+    return RowDataset(QUESTION_ANSWERING, checked, where)
 
 
 def causal_lm_rows(rows: list[dict], where: str, id2label=None) -> RowDataset:
@@ -188,13 +189,13 @@ def causal_lm_rows(rows: list[dict], where: str, id2label=None) -> RowDataset:
         if bad:
             raise DataError(f"{where}: row {i} column {bad[0]!r} is not a non-empty string; {hint}")
         checked.append({k: row[k] for k in keys})
-    return RowDataset("causal-lm", checked, where)
+    return RowDataset(CAUSAL_LM, checked, where)
 
 
 READERS = {
-    "token-classification": token_classification_rows,
-    "question-answering": question_answering_rows,
-    "causal-lm": causal_lm_rows,
+    TOKEN_CLASSIFICATION: token_classification_rows,
+    QUESTION_ANSWERING: question_answering_rows,
+    CAUSAL_LM: causal_lm_rows,
 }
 
 
@@ -282,9 +283,9 @@ def _encode_causal_lm(dataset: RowDataset, tokenizer, max_length: int) -> Encode
 
 
 ENCODERS = {
-    "token-classification": _encode_token_classification,
-    "question-answering": _encode_question_answering,
-    "causal-lm": _encode_causal_lm,
+    TOKEN_CLASSIFICATION: _encode_token_classification,
+    QUESTION_ANSWERING: _encode_question_answering,
+    CAUSAL_LM: _encode_causal_lm,
 }
 
 
@@ -294,12 +295,12 @@ ENCODERS = {
 def correct_and_total(task: str, outputs, batch: dict) -> tuple[int, int]:
     """(correct, counted) of one evaluated batch: labelled tokens (token classification), next tokens
     on the loss positions (causal LM), or exact start+end spans (question answering)."""
-    if task == "question-answering":
+    if task == QUESTION_ANSWERING:
         hit = (outputs.start_logits.argmax(-1) == batch["start_positions"]) & (
             outputs.end_logits.argmax(-1) == batch["end_positions"])
         return int(hit.sum()), hit.numel()
     logits, labels = outputs.logits, batch["labels"]  # (B, T, C), (B, T)
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         logits, labels = logits[:, :-1], labels[:, 1:]
     keep = labels != IGNORE_INDEX
     return int((logits.argmax(-1)[keep] == labels[keep]).sum()), int(keep.sum())

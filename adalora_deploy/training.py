@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator
 from .config import check_token_lengths
-from .constants import LABELLED_TASKS, MODEL_CONFIG_FILE
+from .constants import LABELLED_TASKS, MODEL_CONFIG_FILE, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 from .data import Encoded, batches, collate, encode, load_splits
 from .errors import CheckpointError, TrainingError
 from .io import check_output_dir, check_tokenizer_files, read_json
@@ -112,7 +112,7 @@ def _prepare(cfg: TrainConfig, train_set) -> tuple[AdaLoraModel, object]:
     tokenizer = load_base_tokenizer(cfg.model)
     use_eos_as_pad(tokenizer, model.model.config)
     fit_tokenizer_inputs(tokenizer, model.model)
-    if cfg.task == "token-classification" and not _takes_words(tokenizer):
+    if cfg.task == TOKEN_CLASSIFICATION and not _takes_words(tokenizer):
         # Byte-level BPE (GPT-2, RoBERTa) marks word starts with a space: words need add_prefix_space.
         tokenizer = load_base_tokenizer(cfg.model, add_prefix_space=True)
     return model, tokenizer
@@ -268,7 +268,7 @@ def evaluate(model: torch.nn.Module, encoded: Encoded, batch_size: int = EVAL_BA
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
     correct = counted = 0
-    task = getattr(model, "task", "sequence-classification")
+    task = getattr(model, "task", SEQUENCE_CLASSIFICATION)
     for start in range(0, len(order), batch_size):
         batch = _collate(encoded, order[start:start + batch_size])
         if task in READERS:

@@ -27,9 +27,12 @@ from torch import nn
 from adalora_deploy.architectures import Fusion
 from adalora_deploy.constants import (
     ADAPTER_MODE,
+    CHECKPOINT_FORMAT,
+    FEATURE_EXTRACTION,
     MANIFEST_FILE,
     MODEL_FILE,
     MULTI_MODE,
+    SEQUENCE_CLASSIFICATION,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
 )
@@ -232,7 +235,7 @@ def _onnx_configs(module: nn.Module, plan: Plan) -> dict | None:
     the positions 0..T-1, right for the right-padded batches a tokenizer makes."""
     from optimum.exporters.tasks import TasksManager
 
-    if plan.task.name != "feature-extraction":
+    if plan.task.name != FEATURE_EXTRACTION:
         return None
     constructor = TasksManager.get_exporter_config_constructor(
         exporter="onnx", model=module, task=plan.task.optimum_task, library_name="transformers"
@@ -405,13 +408,13 @@ def _eval_set(plan: Plan, request: ExportRequest) -> EvalSet:
     """The labelled rows an int8 export is judged on (refuses before any export work when none)."""
     from adalora_deploy.model import read_checkpoint_config
 
-    if plan.task.name != "sequence-classification":
+    if plan.task.name != SEQUENCE_CLASSIFICATION:
         raise ExportError(
             f"--quantize {request.quantize.name} is judged by classification accuracy: export "
             f"{plan.task.name} without --quantize"
         )
     source = plan.source
-    train = read_checkpoint_config(source.path).get("train") if source.kind == "adalora-deploy-checkpoint" else None
+    train = read_checkpoint_config(source.path).get("train") if source.kind == CHECKPOINT_FORMAT else None
     limits = [getattr(plan.tokenizer, "model_max_length", 0), plan.model.config.max_position_embeddings]
     max_length = min(int(n) for n in limits if 0 < n < 1_000_000)
     with _step("loading the evaluation data for int8"):
@@ -463,7 +466,7 @@ def _check_plain_flags(mode: str, **flags) -> None:
     # --mode adapter and multi write fp32 packs and graphs of the sequence classifier; nothing else applies.
     defaults = {"dtype": "fp32", "opset": None, "task": None, "quantize": None, "eval_data": None}
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v != defaults[k] and
-             not (k == "task" and v == "sequence-classification")]
+             not (k == "task" and v == SEQUENCE_CLASSIFICATION)]
     if given:
         raise ExportError(f"--mode {mode} does not take {', '.join(given)}: drop them")
 

@@ -11,6 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adalora_deploy.architectures import ARCHITECTURES, Fusion
+from adalora_deploy.constants import (
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    QUESTION_ANSWERING,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
 
 from .errors import ExportError
 from .factored import factored_model, merged_model
@@ -51,25 +58,26 @@ class TaskSpec:
 
 
 TASKS = {
-    "sequence-classification": TaskSpec(
-        "sequence-classification", "text-classification", "ORTModelForSequenceClassification",
-        "text-classification", ("logits",), needs_head=True,
+    SEQUENCE_CLASSIFICATION: TaskSpec(
+        SEQUENCE_CLASSIFICATION, optimum_task="text-classification",
+        ort_model_class="ORTModelForSequenceClassification", pipeline_task="text-classification",
+        outputs=("logits",), needs_head=True,
     ),
-    "feature-extraction": TaskSpec(
-        "feature-extraction", "feature-extraction", "ORTModelForFeatureExtraction",
-        "feature-extraction", ("last_hidden_state",), needs_head=False,
+    FEATURE_EXTRACTION: TaskSpec(
+        FEATURE_EXTRACTION, optimum_task="feature-extraction", ort_model_class="ORTModelForFeatureExtraction",
+        pipeline_task="feature-extraction", outputs=("last_hidden_state",), needs_head=False,
     ),
-    "token-classification": TaskSpec(
-        "token-classification", "token-classification", "ORTModelForTokenClassification",
-        "token-classification", ("logits",), needs_head=True,
+    TOKEN_CLASSIFICATION: TaskSpec(
+        TOKEN_CLASSIFICATION, optimum_task="token-classification", ort_model_class="ORTModelForTokenClassification",
+        pipeline_task="token-classification", outputs=("logits",), needs_head=True,
     ),
-    "question-answering": TaskSpec(
-        "question-answering", "question-answering", "ORTModelForQuestionAnswering",
-        "question-answering", ("start_logits", "end_logits"), needs_head=True,
+    QUESTION_ANSWERING: TaskSpec(
+        QUESTION_ANSWERING, optimum_task="question-answering", ort_model_class="ORTModelForQuestionAnswering",
+        pipeline_task="question-answering", outputs=("start_logits", "end_logits"), needs_head=True,
     ),
-    "causal-lm": TaskSpec(
-        "causal-lm", "text-generation-with-past", "ORTModelForCausalLM", "text-generation", ("logits",),
-        needs_head=True, with_past=True,
+    CAUSAL_LM: TaskSpec(
+        CAUSAL_LM, optimum_task="text-generation-with-past", ort_model_class="ORTModelForCausalLM",
+        pipeline_task="text-generation", outputs=("logits",), needs_head=True, with_past=True,
     ),
 }
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from adalora_deploy.constants import CAUSAL_LM
 from adalora_deploy.errors import ConfigError
 
 from .generate import GenerationConfig
@@ -154,7 +155,7 @@ def add_generate_route(app, predictor, config, request_error, read_body) -> Gene
 
     @app.post("/v1/generate")
     async def generate(request: Request):
-        if predictor.task != "causal-lm":
+        if predictor.task != CAUSAL_LM:
             raise request_error(422, f"this server runs a {predictor.task} model: use POST /v1/predict")
         data = load_json(await read_body(request, config.max_body_bytes, config.body_timeout))
         req = parse_generate(data, config.max_texts, config.max_chars, request_error)

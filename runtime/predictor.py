@@ -19,6 +19,7 @@ from adalora_deploy.constants import (
     CAUSAL_LM,
     FEATURE_EXTRACTION,
     MULTI_MODE,
+    PAST_PREFIX,
     QUESTION_ANSWERING,
     TOKEN_CLASSIFICATION,
 )
@@ -59,7 +60,7 @@ def detect_task(session: OrtSession, manifest: dict | None) -> str:
     """The export's task: from its manifest, else from the graph (for exports made by other tools)."""
     if manifest and manifest.get("task"):
         return manifest["task"]
-    if any(name.startswith("past_key_values.") for name in session.input_names):
+    if any(name.startswith(PAST_PREFIX) for name in session.input_names):
         return CAUSAL_LM
     if "start_logits" in session.output_names:
         return QUESTION_ANSWERING

@@ -31,8 +31,10 @@ from adalora_deploy.constants import (
     ADAPTER_INDEX_INPUT,
     ADAPTER_MANIFEST_FILE,
     ADAPTER_PACK_FILE,
+    CHECKPOINT_CONFIG_FILE,
     DOWN_SUFFIX,
     MANIFEST_FILE,
+    MODEL_CONFIG_FILE,
     UP_SUFFIX,
 )
 from adalora_deploy.errors import ConfigError
@@ -252,7 +254,7 @@ def run_multi_bench(checkpoint: str | os.PathLike, adapters: int, batch_sizes: l
 
     if adapters < 1:
         raise ConfigError(f"--adapters ({adapters}) must be >= 1")
-    if not (Path(checkpoint) / "adalora_config.json").is_file():
+    if not (Path(checkpoint) / CHECKPOINT_CONFIG_FILE).is_file():
         raise ConfigError(f"bench --adapters needs a checkpoint of `adalora-deploy train`, not {checkpoint}")
     counts = sorted({c for c in (1, 4, adapters) if c <= adapters})
     config = BenchConfig(batch_sizes=batch_sizes, seq_lens=[seq_len], runs=runs, warmup=warmup, provider="cpu",
@@ -267,7 +269,7 @@ def run_multi_bench(checkpoint: str | os.PathLike, adapters: int, batch_sizes: l
                     onnx_variant("factored", dirs["merged"] / "factored", session),
                     *multi_variants(dirs["multi"], dirs["packs"], counts, session),
                     peft_variant(AdaLoraModel.from_pretrained(checkpoint).eval(), adapters, threads)]
-        vocab = json.loads((dirs["multi"] / "config.json").read_text())["vocab_size"]
+        vocab = json.loads((dirs["multi"] / MODEL_CONFIG_FILE).read_text())["vocab_size"]
         cells = []
         for batch in batch_sizes:
             feeds = make_feeds(batch, seq_len, vocab, 0)

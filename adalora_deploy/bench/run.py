@@ -314,12 +314,12 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
 def refuse_generation(source: Path) -> None:
     """bench times single forward passes; a causal LM is measured by tokens/s in
     benchmarks/generate_bench.py instead. Refused before any work."""
-    from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE, MANIFEST_FILE, MODES
+    from adalora_deploy.constants import CAUSAL_LM, CHECKPOINT_CONFIG_FILE, MANIFEST_FILE, MODES
     from adalora_deploy.io import read_json
 
     for meta in (CHECKPOINT_CONFIG_FILE, MANIFEST_FILE, *(f"{mode}/{MANIFEST_FILE}" for mode in MODES)):
         path = source / meta
-        if path.is_file() and read_json(path, "config").get("task") == "causal-lm":
+        if path.is_file() and read_json(path, "config").get("task") == CAUSAL_LM:
             raise ConfigError(
                 f"{source} is a causal LM: bench times single forward passes; measure generation with "
                 "benchmarks/generate_bench.py (tokens/s, KV cache vs recompute)"

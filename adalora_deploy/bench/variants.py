@@ -43,10 +43,6 @@ DESCRIPTIONS = {
 }
 # bench's int8 exports are for timing: the accuracy gate is left open, its figures are reported instead
 BENCH_MAX_ACCURACY_DROP = 100.0
-OPTIMUM_TASKS = {
-    "sequence-classification": "text-classification", "feature-extraction": "feature-extraction",
-    "token-classification": "token-classification", "question-answering": "question-answering",
-}
 
 ExportFn = Callable[..., Path]
 
@@ -138,6 +134,7 @@ def optimum_plain_export(checkpoint: Path, out: Path, opset: int | None = None, 
     """
     from optimum.exporters.onnx import onnx_export_from_model
 
+    from adalora_deploy.exporters.specs import TASKS
     from adalora_deploy.layers import merge_adapters
     from adalora_deploy.model import AdaLoraModel
 
@@ -146,7 +143,7 @@ def optimum_plain_export(checkpoint: Path, out: Path, opset: int | None = None, 
     device = "cuda" if fp16 else "cpu"
     merged = merged.half().to(device) if fp16 else merged
     onnx_export_from_model(
-        merged, out, task=OPTIMUM_TASKS[adapted.task], opset=opset, do_validation=False, optimize=None,
+        merged, out, task=TASKS[adapted.task].optimum_task, opset=opset, do_validation=False, optimize=None,
         device=device,
     )
     return out
