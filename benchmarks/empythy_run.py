@@ -23,6 +23,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE, MODEL_CONFIG_FILE
+
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "adalora_deploy"]
 SHOWN = 6  # held-out tweets whose served answers are listed (the first of each class)
@@ -100,8 +102,8 @@ def main() -> None:
     classify = pipeline("text-classification", model=ORTModelForSequenceClassification.from_pretrained(merged),
                         tokenizer=AutoTokenizer.from_pretrained(merged))
     piped = [r["label"] for r in classify(shown)]
-    meta = json.loads((ckpt / "adalora_config.json").read_text())
-    config = json.loads((merged / "config.json").read_text())
+    meta = json.loads((ckpt / CHECKPOINT_CONFIG_FILE).read_text())
+    config = json.loads((merged / MODEL_CONFIG_FILE).read_text())
     result = {
         "commands": [" ".join(train_cmd[3:]), " ".join(export_cmd[3:])],
         "train_rows": len(train), "heldout_rows": len(heldout), "steps": args.steps,

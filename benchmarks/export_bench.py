@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from adalora_deploy.bench.run import make_feeds
+from adalora_deploy.constants import ADAPTER_FILE, CHECKPOINT_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from adalora_deploy.exporters import export
 from adalora_deploy.io import read_json
 from adalora_deploy.ort import CPU_EP, inference_session
@@ -78,9 +79,9 @@ def time_exports(checkpoint: Path, work: Path, repeats: int) -> dict[str, dict]:
 
 
 def mode_figures(mode_dir: Path) -> dict:
-    m = read_json(mode_dir / "adalora_manifest.json")
+    m = read_json(mode_dir / MANIFEST_FILE)
     return {
-        "onnx_bytes": (mode_dir / "model.onnx").stat().st_size,
+        "onnx_bytes": (mode_dir / MODEL_FILE).stat().st_size,
         "dir_bytes": dir_bytes(mode_dir),
         "trace_and_fuse_seconds": m["export_seconds"],
         "adapter_params_before": m["adapter_params_before"],
@@ -108,8 +109,8 @@ def summarize(timed: dict[str, dict]) -> dict[str, dict]:
 def checkpoint_figures(checkpoint: Path) -> dict:
     from adalora_deploy.io import load_safetensors
 
-    config = read_json(checkpoint / "adalora_config.json")
-    pruned = prune(load_safetensors(checkpoint / "adapter.safetensors"))
+    config = read_json(checkpoint / CHECKPOINT_CONFIG_FILE)
+    pruned = prune(load_safetensors(checkpoint / ADAPTER_FILE))
     ranks = sorted(pruned.ranks_after.values())
     return {
         "base_model": config["base_model"], "init_r": config["adalora"]["init_r"],
@@ -127,7 +128,7 @@ def naive_factored(checkpoint: Path, work: Path, config) -> tuple[Path, dict]:
     from adalora_deploy.exporters import graph as graphs
 
     raw = export(checkpoint, work / "raw", mode="factored", prune_ranks=True, optimize=False, validate=False)
-    fused, counts = graphs.optimize(onnx.load(str(raw / "factored" / "model.onnx")), ARCHITECTURES["bert"].fusion, config,
+    fused, counts = graphs.optimize(onnx.load(str(raw / "factored" / MODEL_FILE)), ARCHITECTURES["bert"].fusion, config,
                                     "MultiHeadAttention", has_branches=False)
     graphs.save(fused, work / "naive.onnx")
     return work / "naive.onnx", {k: v for k, v in counts.items() if v}
@@ -143,21 +144,21 @@ def latency_graphs(checkpoint: Path, work: Path, timed: dict[str, dict]) -> tupl
     from adalora_deploy.exporters.specs import FusionSpec
 
     plain = export(checkpoint, work / "plain", mode="merged", prune_ranks=True, optimize=False, validate=False)
-    plain_onnx, config = plain / "merged" / "model.onnx", AutoConfig.from_pretrained(plain / "merged")
+    plain_onnx, config = plain / "merged" / MODEL_FILE, AutoConfig.from_pretrained(plain / "merged")
     full, _ = graphs.optimize(onnx.load(str(plain_onnx)), ARCHITECTURES["bert"].fusion, config, "Attention", has_branches=False,
                               fusions=FusionSpec(raw_attention_mask=True, skip_layer_norm=True))
     graphs.save(full, work / "full.onnx")
     naive, naive_ops = naive_factored(checkpoint, work, config)
     cpu = ["SkipLayerNormFusion"]  # the CPU session setting recommended with our export (specs.FusionSpec)
-    merged = timed["merged (pruned)"]["dir"] / "merged" / "model.onnx"
+    merged = timed["merged (pruned)"]["dir"] / "merged" / MODEL_FILE
     return {
         "optimum plain (merged, no fusion)": (plain_onnx, cpu),
         "merged, export default": (merged, cpu),
         "merged, export default, session SkipLN fusion on": (merged, []),
         "merged, SkipLN fused offline (ORT recipe)": (work / "full.onnx", cpu),
-        "factored (pruned)": (timed["factored (pruned)"]["dir"] / "factored" / "model.onnx", cpu),
+        "factored (pruned)": (timed["factored (pruned)"]["dir"] / "factored" / MODEL_FILE, cpu),
         "factored (pruned), fused with branches in place": (naive, cpu),
-        "factored (unpruned baseline)": (timed["factored (unpruned baseline)"]["dir"] / "factored" / "model.onnx", cpu),
+        "factored (unpruned baseline)": (timed["factored (unpruned baseline)"]["dir"] / "factored" / MODEL_FILE, cpu),
     }, naive_ops
 
 
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
         raise SystemExit("export_bench.py: --checkpoint is required")
     torch.set_num_threads(args.threads)
     checkpoint = Path(args.checkpoint)
-    meta = read_json(checkpoint / "adalora_config.json")
+    meta = read_json(checkpoint / CHECKPOINT_CONFIG_FILE)
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
         timed = time_exports(checkpoint, Path(tmp), args.repeats)
         results = {

@@ -33,6 +33,8 @@ from onnx import helper, numpy_helper
 from adalora_deploy.bench.profile import op_times
 from adalora_deploy.bench.run import BenchConfig, make_feeds, summarize, time_cell
 from adalora_deploy.bench.variants import Variant, optimum_plain_export
+from adalora_deploy.constants import MODEL_CONFIG_FILE, MODEL_FILE
+from adalora_deploy.exporters.graph import consumers
 from adalora_deploy.runtime.session import SessionConfig, open_session, session_options
 
 NO_SKIP = {"enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False}
@@ -55,7 +57,7 @@ def fused(plain: Path, out: Path, config, overrides: dict) -> Path:
     options.use_raw_attention_mask(True)
     for name, value in overrides.items():
         setattr(options, name, value)
-    model = optimize_model(str(plain / "model.onnx"), model_type="bert", num_heads=config["num_attention_heads"],
+    model = optimize_model(str(plain / MODEL_FILE), model_type="bert", num_heads=config["num_attention_heads"],
                            hidden_size=config["hidden_size"], optimization_options=options, opt_level=1, use_gpu=False)
     model.save_model_to_file(str(out))
     return out
@@ -74,14 +76,6 @@ def profile_lines(paths: dict[str, Path], names: tuple[str, ...], feeds: dict, t
 
 
 BRANCH = "adalora_branch:"  # exporters.graph labels branch nodes "adalora_branch:<module>/down|up|add"
-
-
-def _users(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
 
 
 def _save_sorted(model: onnx.ModelProto, out: Path) -> Path:
@@ -119,7 +113,7 @@ def _replace(graph: onnx.GraphProto, old: list, new: list) -> None:
 def pack_qkv(src: Path, out: Path) -> Path:
     """Every group of three MatMul(x, W) + Add(bias) on the same x becomes one MatMul + Add + Split."""
     model = onnx.load(str(src))
-    graph, users = model.graph, _users(model.graph)
+    graph, users = model.graph, consumers(model.graph)
     inits = {t.name: t for t in graph.initializer}
     groups: dict[str, list] = collections.defaultdict(list)
     for node in graph.node:
@@ -140,7 +134,7 @@ def widen_base(src: Path, out: Path) -> Path:
     """Each branch's up-projection joins its base GEMM: Concat(x, h) @ [W0^T; P'^T] replaces
     x @ W0^T, h @ P'^T and their Add (the down-projection h = x @ Q'^T stays a labelled MatMul)."""
     model = onnx.load(str(src))
-    graph, users = model.graph, _users(model.graph)
+    graph, users = model.graph, consumers(model.graph)
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     downs = [n for n in graph.node if n.name.startswith(BRANCH) and n.name.endswith("/down")]
@@ -200,8 +194,8 @@ def factored_section(checkpoint: Path, tmp: Path, cells, vocab: int, args) -> li
     from adalora_deploy.exporters import export
 
     root = export(checkpoint, tmp / "ours", mode="both", prune_ranks=True)
-    factored = root / "factored" / "model.onnx"
-    paths = {"merged": root / "merged" / "model.onnx", "factored": factored,
+    factored = root / "factored" / MODEL_FILE
+    paths = {"merged": root / "merged" / MODEL_FILE, "factored": factored,
              "factored_shared_down": shared_down(factored, tmp / "shared_down.onnx")}
     paths["factored_widened"] = widen_base(factored, tmp / "widened.onnx")
     paths["factored_widened_shared_down"] = shared_down(paths["factored_widened"], tmp / "widened_shared.onnx")
@@ -228,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain = optimum_plain_export(Path(args.checkpoint), tmp / "plain")
-        config = json.loads((plain / "config.json").read_text())
+        config = json.loads((plain / MODEL_CONFIG_FILE).read_text())
         vocab = config["vocab_size"]
-        paths = {"optimum_plain": plain / "model.onnx"}
+        paths = {"optimum_plain": plain / MODEL_FILE}
         paths.update({n: fused(plain, tmp / f"{n}.onnx", config, o) for n, o in FUSIONS.items()})
         paths["no_attention_packed_qkv"] = pack_qkv(paths["no_attention_no_skip"], tmp / "packed_qkv.onnx")
         lines += timed_table(paths, "optimum_plain", cells, vocab, args)

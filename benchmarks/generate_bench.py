@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adalora_deploy.constants import CAUSAL_LM, MANIFEST_FILE
+
 # Llama shapes: (hidden, layers, heads, kv heads, intermediate, vocab).
 SIZES = {
     "tiny": (64, 2, 4, 2, 128, 512),
@@ -86,7 +88,7 @@ def build_checkpoint(size: str, out: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(vocab)
     tokenizer.save_pretrained(base_dir)
     model = AdaLoraModel(LlamaForCausalLM.from_pretrained(base_dir), AdaLoraConfig(
-        target_modules=TARGETS, init_r=INIT_R, target_r=TARGET_R, alpha=ALPHA), "causal-lm",
+        target_modules=TARGETS, init_r=INIT_R, target_r=TARGET_R, alpha=ALPHA), CAUSAL_LM,
         {"name_or_path": str(base_dir), "revision": None})
     rng = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = build_checkpoint(args.size, Path(tmp))
         dtype = "fp16" if args.device == "cuda" else "fp32"
         root = export(ckpt, Path(tmp) / "onnx", prune_ranks=True, optimize=False, dtype=dtype)
-        manifest = json.loads((root / "factored" / "adalora_manifest.json").read_text())
+        manifest = json.loads((root / "factored" / MANIFEST_FILE).read_text())
         runners = build_runners(ckpt, root, args)
         rng = np.random.default_rng(0)
         vocab = SIZES[args.size][5]

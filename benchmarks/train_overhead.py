@@ -38,6 +38,8 @@ from types import SimpleNamespace
 
 import torch
 
+from adalora_deploy.constants import SEQUENCE_CLASSIFICATION
+
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 INIT_R, TARGET_R, ALPHA, GAMMA, LR = 12, 4, 32.0, 0.1, 1e-3
 TOTAL_STEP, TINIT, TFINAL = 1000, 0, 100  # measured steps stay in the budgeting phase (1..~40)
@@ -69,7 +71,7 @@ def load_minilm():
     from adalora_deploy.model import load_base_model
 
     torch.manual_seed(0)
-    return load_base_model(None, "sequence-classification", num_labels=2)
+    return load_base_model(None, SEQUENCE_CLASSIFICATION, num_labels=2)
 
 
 def build_ours(with_allocator: bool) -> Variant:

@@ -49,7 +49,8 @@ def _producers(graph: onnx.GraphProto) -> dict[str, NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[NodeProto]]:
+def consumers(graph: onnx.GraphProto) -> dict[str, list[NodeProto]]:
+    """{tensor name: the nodes that read it}."""
     users: dict[str, list[NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -58,7 +59,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[NodeProto]]:
 
 
 def _branch_from_down(graph: onnx.GraphProto, down: NodeProto, module: str) -> Branch:
-    users, producers = _consumers(graph), _producers(graph)
+    users, producers = consumers(graph), _producers(graph)
     (up,) = users[down.output[0]]
     (join,) = users[up.output[0]]
     base_out = next(name for name in join.input if name != up.output[0])

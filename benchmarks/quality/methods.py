@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adalora_deploy.constants import SEQUENCE_CLASSIFICATION
 from adalora_deploy.data import Encoded, batches, collate
 from adalora_deploy.training import EVAL_BATCH_SIZE, MAX_GRAD_NORM, WARMUP_FRACTION
 
@@ -121,7 +122,7 @@ def load_classifier(model_path: str, id2label: dict[int, str]):
     from adalora_deploy.model import load_base_model
 
     return load_base_model(
-        model_path, "sequence-classification", num_labels=len(id2label), id2label=id2label,
+        model_path, SEQUENCE_CLASSIFICATION, num_labels=len(id2label), id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
     )
 
