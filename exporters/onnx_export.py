@@ -38,6 +38,7 @@ from adalora_deploy.constants import (
 )
 from adalora_deploy.io import atomic_output_dir, check_output_dir, read_json, write_json
 from adalora_deploy.layers import svd_modules
+from adalora_deploy.ort import CPU_EP, cuda_status
 from adalora_deploy.prune import PrunedAdapter, prune, pruned_model
 
 from . import graph as graphs
@@ -348,8 +349,9 @@ def _validation_figures(plan: Plan, result: ModeResult, report: ValidationReport
     parity = {k.split(":")[-1]: v for k, v in report.figures(keys).items()}
     provider = result.runner.provider
     note = "fp32 graph run by ONNX Runtime"
-    if dtype.float16 and provider == "CPUExecutionProvider":
-        note = "fp16 graph run by ONNX Runtime's CPU provider (no GPU here): values checked, CUDA kernels not exercised"
+    if dtype.float16 and provider == CPU_EP:
+        note = (f"fp16 graph run by ONNX Runtime's CPU provider, values checked, CUDA kernels not exercised: "
+                f"{cuda_status()[1]}")
     return {"validated": True, "provider": provider, "note": note, "cases": report.inputs, "parity": parity}
 
 

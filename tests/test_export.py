@@ -12,6 +12,7 @@ from adalora_deploy.cli import main
 from adalora_deploy.exporters import ExportValidationError, export
 from adalora_deploy.io import file_sha256
 from adalora_deploy.model import AdaLoraModel
+from adalora_deploy.ort import cuda_status
 
 from .conftest import ID2LABEL, make_checkpoint, save_tiny_bert
 
@@ -115,6 +116,7 @@ def test_fp16_export_is_fp16_and_validated(tmp_path, tiny_checkpoint, reference)
         assert m["dtype"] == "fp16" and m["validation"]["parity"]["onnx_vs_pytorch"]["atol"] == 5e-2
         if m["validation"]["provider"] == "CPUExecutionProvider":
             assert "CPU provider" in m["validation"]["note"]  # says what was (not) exercised
+            assert cuda_status()[1] in m["validation"]["note"]  # and why: the reason serving gives too
         session = ort.InferenceSession(str(out / mode / "model.onnx"), providers=["CPUExecutionProvider"])
         got = session.run(["logits"], {k: v.numpy() for k, v in ids.items()})[0]
         assert np.abs(got - want).max() <= 5e-2
