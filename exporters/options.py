@@ -9,19 +9,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from adalora_deploy.constants import (
-    ADAPTER_MODE,
-    CAUSAL_LM,
-    FEATURE_EXTRACTION,
-    MODES,
-    MULTI_MODE,
-    QUESTION_ANSWERING,
-    SEQUENCE_CLASSIFICATION,
-    TOKEN_CLASSIFICATION,
-)
+from adalora_deploy.constants import ADAPTER_MODE, MODES, MULTI_MODE, TASK_IDS
 
 EXPORT_MODES = (*MODES, "both", ADAPTER_MODE, MULTI_MODE)
-EXPORT_TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, CAUSAL_LM)
+EXPORT_TASKS = TASK_IDS
 
 
 @dataclass

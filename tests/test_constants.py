@@ -75,3 +75,14 @@ def test_the_scan_finds_literals(tmp_path, monkeypatch):
                       'if task == "causal-lm":\n    path = root / "adalora_manifest.json"\n')
     assert sorted(literals(module, spelled_once())) == ["m.py:3: 'causal-lm' (CAUSAL_LM)",
                                                 "m.py:4: 'adalora_manifest.json' (MANIFEST_FILE)"]
+
+
+def test_every_task_table_covers_the_task_ids():
+    """TASK_IDS is the one list of tasks: each per-task table of the package has exactly those keys."""
+    from adalora_deploy.config import DEFAULT_MODULES_TO_SAVE
+    from adalora_deploy.exporters.options import EXPORT_TASKS
+    from adalora_deploy.exporters.specs import TASKS
+    from adalora_deploy.model import TASK_AUTO_CLASSES
+
+    for table in (TASKS, TASK_AUTO_CLASSES, DEFAULT_MODULES_TO_SAVE, EXPORT_TASKS):
+        assert sorted(table) == sorted(constants.TASK_IDS)
