@@ -32,6 +32,7 @@ from . import token_tasks
 from .adapters import AdapterRegistry
 from .generate import GenerationConfig, Generator
 from .session import (
+    RELEASE_MEMORY_TOKENS,
     ExportDirError,
     OrtSession,
     SessionConfig,
@@ -419,12 +420,13 @@ class Predictor:
         """Logits (B, C) or mean-pooled embeddings (B, H) for one padded batch; `adapters` is a multi
         graph's (AdapterState, one adapter name per row)."""
         feeds = self.pad(encodings)
+        release = feeds["input_ids"].size > RELEASE_MEMORY_TOKENS
         if adapters is not None:
             state, names = adapters
             feeds[ADAPTER_INDEX_INPUT] = state.index(names)  # (B,)
-            outputs = self.session.run(feeds, resident=state.feeds)
+            outputs = self.session.run(feeds, resident=state.feeds, release_memory=release)
         else:
-            outputs = self.session.run(feeds)
+            outputs = self.session.run(feeds, release_memory=release)
         if self.task == CLASSIFICATION:
             return outputs["logits"]
         hidden = outputs.get("last_hidden_state", outputs[self.session.output_names[0]])  # (B, T, H)

@@ -4,6 +4,9 @@ provider choice and dummy inputs are adalora_deploy.ort's, shared with the expor
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,11 @@ GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
 # Shape of the dummy batch used for the warm-up run: small, so that warming up costs little.
 WARMUP_SHAPE = (1, 8)
+# A model call of more padded tokens (rows x longest row) than this gives the memory it grew back to the
+# system when it ends (run(release_memory=True)): after a burst of long texts the process
+# returns near its usual size instead of keeping the burst's peak. Ordinary batches (32 texts of up to
+# 64 tokens) stay under it and keep their buffers between calls, so their latency is unchanged.
+RELEASE_MEMORY_TOKENS = 2048
 
 
 @dataclass
@@ -170,6 +178,7 @@ class OrtSession:
         self.path = path
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self._shrink = None  # RunOptions that shrink the CPU arena, made on first use
 
     @property
     def provider(self) -> str:
@@ -180,12 +189,16 @@ class OrtSession:
     def on_cuda(self) -> bool:
         return self.provider == CUDA_EP
 
-    def run(self, feeds: dict[str, np.ndarray], resident: dict | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: dict[str, np.ndarray], resident: dict | None = None, release_memory: bool = False
+    ) -> dict[str, np.ndarray]:
         """Run the graph on host arrays; returns host arrays by output name.
 
         Feeds the graph does not take (e.g. token_type_ids for some models) are dropped. `resident` are
         inputs that stay loaded between calls (a multi graph's stacked adapters): OrtValues already on
-        the device under CUDA, host arrays otherwise (see `to_device`).
+        the device under CUDA, host arrays otherwise (see `to_device`). `release_memory` hands the memory
+        this call grew back to the system afterwards (`_shrink_options`, `trim_heap`): for unusually large batches,
+        which would otherwise keep the process at their peak.
         """
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
         resident = resident or {}
@@ -195,8 +208,21 @@ class OrtSession:
         if self.on_cuda:
             outputs = self._run_iobinding(feeds, resident)
         else:
-            outputs = self.session.run(self.output_names, {**feeds, **resident})
+            options = self._shrink_options() if release_memory and self.config.memory_arena else None
+            outputs = self.session.run(self.output_names, {**feeds, **resident}, options)
+        if release_memory:
+            trim_heap()
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def _shrink_options(self):
+        # ONNX Runtime's CPU arena keeps every region it grew for the largest batch so far; with this
+        # run option it frees, after the run, the regions left wholly unused (all but its first chunk).
+        if self._shrink is None:
+            import onnxruntime as ort
+
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return self._shrink
 
     def to_device(self, array: np.ndarray):
         """What `run(resident=...)` takes for `array`: an OrtValue on the GPU under CUDA, else the array."""
@@ -231,6 +257,21 @@ class OrtSession:
     def warmup(self) -> None:
         """One dummy batch: CUDA initialises kernels, and both providers their arenas, on first use."""
         self.run(self.dummy_feeds())
+
+
+@functools.cache
+def _malloc_trim():
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; nothing elsewhere). Freed
+    blocks of a large batch (tokenizer buffers, numpy arrays, the arena's regions when it is off)
+    otherwise stay in the process's resident memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def open_session(model: str | os.PathLike, config: SessionConfig | None = None) -> OrtSession:

@@ -13,6 +13,8 @@ import numpy as np
 
 from adalora_deploy.errors import ConfigError
 
+from .session import RELEASE_MEMORY_TOKENS
+
 MAX_ANSWER_TOKENS = 30
 OUTSIDE = "O"
 
@@ -48,7 +50,7 @@ def _run(predictor, encodings: list[dict], batch_size: int) -> list[dict[str, np
     for start in range(0, len(encodings), batch_size):
         chunk = encodings[start:start + batch_size]
         feeds = predictor.pad(chunk)
-        results = predictor.session.run(feeds)
+        results = predictor.session.run(feeds, release_memory=feeds["input_ids"].size > RELEASE_MEMORY_TOKENS)
         left = getattr(predictor.tokenizer, "padding_side", "right") == "left"
         width = feeds["input_ids"].shape[1]
         for row, enc in enumerate(chunk):
