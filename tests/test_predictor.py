@@ -10,6 +10,7 @@ import torch
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.model import AdaLoraModel
 from adalora_deploy.runtime.predictor import Predictor
+from adalora_deploy.runtime.session import RELEASE_MEMORY_TOKENS
 
 from .conftest import ID2LABEL, minilm_tokenizer
 
@@ -65,14 +66,15 @@ class RecordingSession:
     """Passes calls through to the real session and remembers each batch's shape."""
 
     def __init__(self, session):
-        self.session, self.shapes = session, []
+        self.session, self.shapes, self.released = session, [], []
 
     def __getattr__(self, name):
         return getattr(self.session, name)
 
-    def run(self, feeds):
+    def run(self, feeds, **options):
         self.shapes.append(feeds["input_ids"].shape)
-        return self.session.run(feeds)
+        self.released.append(options.get("release_memory", False))
+        return self.session.run(feeds, **options)
 
 
 def test_chunks_and_pads_to_the_longest_in_each_batch(tiny_export_root):
@@ -85,6 +87,20 @@ def test_chunks_and_pads_to_the_longest_in_each_batch(tiny_export_root):
     # Sorted by length, batch k holds the 2k-th and (2k+1)-th shortest: padded to the longer of them.
     ordered = sorted(lengths)
     assert [t for _, t in shapes] == [max(ordered[i:i + 2]) for i in range(0, len(ordered), 2)]
+
+
+def test_only_calls_over_release_memory_tokens_hand_memory_back(tiny_export_root):
+    predictor = Predictor.from_pretrained(tiny_export_root, provider="cpu", batch_size=32)
+    small = predictor.predict(["short"] * 32)  # 32 x 3 tokens
+    predictor.session = RecordingSession(predictor.session)
+    predictor.predict(["short"] * 32)
+    big = predictor.predict(["short"] * 31 + ["word " * 1000])  # 32 x 128 padded tokens (the model's limit)
+    again = predictor.predict(["short"] * 32)
+    assert [b * t > RELEASE_MEMORY_TOKENS for b, t in predictor.session.shapes] == [False, True, False]
+    assert predictor.session.released == [False, True, False]
+    # Shrinking the arena and trimming the heap change nothing in the results, before or after.
+    np.testing.assert_array_equal(again.logits, small.logits)
+    np.testing.assert_allclose(big.logits[:31], small.logits[:31], atol=1e-5)
 
 
 def test_truncates_to_the_model_limit(tiny_export_root, torch_model):
