@@ -197,8 +197,8 @@ class OrtSession:
         Feeds the graph does not take (e.g. token_type_ids for some models) are dropped. `resident` are
         inputs that stay loaded between calls (a multi graph's stacked adapters): OrtValues already on
         the device under CUDA, host arrays otherwise (see `to_device`). `release_memory` hands the memory
-        this call grew back to the system afterwards (`_shrink_options`, `trim_heap`): for unusually large batches,
-        which would otherwise keep the process at their peak.
+        this call grew back to the system afterwards (`_shrink_options`, `trim_heap`): for unusually
+        large batches, which would otherwise keep the process at their peak.
         """
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
         resident = resident or {}
