@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ from adalora_deploy.constants import (
 )
 from adalora_deploy.errors import CheckpointError, ConfigError
 from adalora_deploy.io import read_json
+
+from .session import release_freed_memory
 
 
 class AdapterPackError(CheckpointError):
@@ -207,6 +209,15 @@ def stack(packs: tuple[AdapterPack, ...], graph: dict) -> dict[str, np.ndarray]:
     return feeds
 
 
+def stacked_views(pack: AdapterPack, i: int, feeds: dict[str, np.ndarray]) -> dict:
+    """`pack`'s factors as views of row `i` of the stacks (each cut to the pack's own rank)."""
+    views = {}
+    for module, (down, _) in pack.factors.items():
+        r = down.shape[1]
+        views[module] = (feeds[module + DOWN_SUFFIX][i, :, :r], feeds[module + UP_SUFFIX][i, :r])  # (d_in, r), (r, d_out)
+    return views
+
+
 class AdapterRegistry:
     """The packs a multi graph serves; `load` and `unload` are thread-safe while predictions run.
 
@@ -232,14 +243,15 @@ class AdapterRegistry:
             raise ConfigError(f"adapter name {name!r} must be a non-empty string without '/'")
         pack = read_pack(name, path, self.graph)  # all checks before anything changes
         with self._lock:
-            packs = tuple(p for p in self._state.packs if p.name != name) + (pack,)
-            self._state = self._build(packs)
+            self._state = self._build(tuple(p for p in self._state.packs if p.name != name) + (pack,))
+        release_freed_memory()  # the previous stacks (once no batch holds them) and the pack file's bytes
         return pack
 
     def unload(self, name: str) -> None:
         with self._lock:
             self._state.index([name])  # UnknownAdapterError when absent
             self._state = self._build(tuple(p for p in self._state.packs if p.name != name))
+        release_freed_memory()
 
     def _build(self, packs: tuple[AdapterPack, ...]) -> AdapterState:
         if not packs:
@@ -247,6 +259,8 @@ class AdapterRegistry:
         feeds = stack(packs, self.graph)
         if self._to_device is not None:
             feeds = {k: self._to_device(v) for k, v in feeds.items()}
+        else:  # on the host the stacks are what the graph reads: the packs keep views into them, not copies
+            packs = tuple(replace(p, factors=stacked_views(p, i, feeds)) for i, p in enumerate(packs))
         return AdapterState(packs, feeds)
 
     def describe(self) -> list[dict]:

@@ -13,9 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from adalora_deploy.constants import ADAPTER_MANIFEST_FILE, ADAPTER_PACK_FILE, DOWN_SUFFIX, HEAD_WEIGHT_INPUT
+from adalora_deploy.constants import (
+    ADAPTER_MANIFEST_FILE,
+    ADAPTER_PACK_FILE,
+    DOWN_SUFFIX,
+    HEAD_WEIGHT_INPUT,
+    MANIFEST_FILE,
+    UP_SUFFIX,
+)
 from adalora_deploy.exporters import export
-from adalora_deploy.runtime.adapters import AdapterPackError, UnknownAdapterError
+from adalora_deploy.runtime.adapters import (
+    AdapterPackError,
+    AdapterRegistry,
+    UnknownAdapterError,
+    read_pack,
+    stack,
+)
 from adalora_deploy.runtime.predictor import Predictor
 
 from .conftest import minilm_tokenizer, save_tiny_bert, train_peft_adalora
@@ -168,6 +181,27 @@ def test_unload_and_reload_change_only_that_adapter(setup, predictor):
     np.testing.assert_allclose(predictor.predict(TEXTS[:3], adapter="rank0").logits, own["rank0"], atol=1e-4)
     predictor.load_adapter("ffn3", setup["packs"]["ffn3"])
     np.testing.assert_allclose(predictor.predict(TEXTS[:3], adapter="ffn3").logits, own["ffn3"], atol=1e-4)
+
+
+def test_host_stacks_are_the_only_copy_and_restack_exactly_after_an_unload(setup):
+    # the packs keep views into the stacks (no second copy of the factors); an unload restacks from those
+    # views, and must give exactly the stacks of freshly read packs
+    graph = json.loads((setup["multi"] / "multi" / MANIFEST_FILE).read_text())
+    registry = AdapterRegistry(graph)
+    for name, pack in setup["packs"].items():
+        registry.load(name, pack)
+    registry.unload("qv3")
+    state = registry.state
+    fresh = stack(tuple(read_pack(n, setup["packs"][n], graph) for n in ("rank0", "ffn3", "peft")), graph)
+    assert [p.name for p in state.packs] == ["rank0", "ffn3", "peft"] and set(state.feeds) == set(fresh)
+    for key, array in fresh.items():
+        np.testing.assert_array_equal(state.feeds[key], array)
+    for i, pack in enumerate(state.packs):
+        for module, (down, up) in pack.factors.items():
+            assert np.shares_memory(down, state.feeds[module + DOWN_SUFFIX])
+            assert np.shares_memory(up, state.feeds[module + UP_SUFFIX])
+            r = down.shape[1]
+            np.testing.assert_array_equal(state.feeds[module + DOWN_SUFFIX][i, :, r:], 0)  # padding stays zero
 
 
 def test_cli_refuses_a_pack_without_prune_ranks(setup, tmp_path):

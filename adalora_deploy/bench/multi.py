@@ -38,9 +38,9 @@ from adalora_deploy.constants import (
     UP_SUFFIX,
 )
 from adalora_deploy.errors import ConfigError
-from adalora_deploy.io import write_json, write_text_atomic
+from adalora_deploy.io import write_json
 
-from .run import make_feeds, summarize, time_cell
+from .run import make_feeds, summarize, time_cell, write_script_outputs
 from .variants import Variant
 
 TARGETS = {"latency_ratio": 1.3, "memory_ratio": 1.15, "load_ms": 200.0, "peft_speedup": 3.0}
@@ -145,29 +145,44 @@ RSS_PROBE = """
 import json, sys, numpy as np
 from adalora_deploy.runtime.session import SessionConfig, open_session
 from adalora_deploy.runtime.adapters import AdapterRegistry
+def mib():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    return {"rss_mib": int(status["VmRSS"].split()[0]) / 1024, "peak_mib": int(status["VmHWM"].split()[0]) / 1024}
 kind, model_dir, threads, packs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+steps = {"imports": mib()}
 session = open_session(model_dir, SessionConfig(provider="cpu", intra_op_threads=threads, inter_op_threads=1))
-feeds = {"input_ids": np.full((32, 128), 1000, np.int64), "attention_mask": np.ones((32, 128), np.int64),
-         "token_type_ids": np.zeros((32, 128), np.int64)}
+steps["session"] = mib()
 resident = None
 if packs:
     registry = AdapterRegistry(json.load(open(model_dir + "/adalora_manifest.json")))
     for i, p in enumerate(packs):
         registry.load(f"a{i}", p)
     resident = registry.state.feeds
-    feeds["adapter_index"] = np.arange(32) % len(packs)
-for _ in range(3):
-    session.run(feeds, resident=resident) if resident else session.run(feeds)
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-print(json.dumps({"rss_mib": int(status["VmRSS"].split()[0]) / 1024, "peak_mib": int(status["VmHWM"].split()[0]) / 1024}))
+    steps["adapters_loaded"] = mib()
+for batch, runs in ((1, 1), (32, 3)):
+    feeds = {"input_ids": np.full((batch, 128), 1000, np.int64), "attention_mask": np.ones((batch, 128), np.int64),
+             "token_type_ids": np.zeros((batch, 128), np.int64)}
+    if packs:
+        feeds["adapter_index"] = np.arange(batch) % len(packs)
+    for _ in range(runs):
+        session.run(feeds, resident=resident)
+    steps[f"after_b{batch}"] = mib()
+print(json.dumps({**steps[f"after_b32"], "steps": steps}))
 """
 
 
-def rss(model_dir: Path, threads: int, packs: list[Path] = ()) -> dict:
-    """Resident memory of a fresh process holding one session (and `packs`) after three b32 s128 runs."""
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, "x", str(model_dir), str(threads), *map(str, packs)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def rss(model_dir: Path, threads: int, packs: list[Path] = (), repeats: int = 3) -> dict:
+    """Resident memory of fresh processes holding one session (and `packs`) after b1 and three b32 s128
+    runs: the median over `repeats` processes, with each step's figures (session opened, adapters loaded,
+    after b1, after b32) from the median process."""
+    probes = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, "x", str(model_dir), str(threads), *map(str, packs)],
+                             capture_output=True, text=True, check=True)
+        probes.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    probes.sort(key=lambda p: p["rss_mib"])
+    median = probes[len(probes) // 2]
+    return {**median, "all_rss_mib": [round(p["rss_mib"], 1) for p in probes]}
 
 
 def load_under_traffic(multi_dir: Path, packs: list[Path], root: Path, threads: int, repeats: int = 5) -> dict:
@@ -284,10 +299,7 @@ def run_multi_bench(checkpoint: str | os.PathLike, adapters: int, batch_sizes: l
               "threads": threads, "cells": cells, "memory": memory, "load": load, "pack_kib": pack_kib,
               "total_ranks": ranks, "adapters_kind": "1 trained + synthetic packs derived from it (module docstring)"}
     result["targets"] = check_targets(result)
-    if json_path:
-        write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
-    if markdown_path:
-        write_text_atomic(markdown_path, render(result))
+    write_script_outputs(result, render(result), json_path, markdown_path)
     return result
 
 

@@ -401,6 +401,19 @@ def check_output_files(paths: list[str | None], overwrite: bool) -> None:
             check_output_file(path, overwrite, suffixes)
 
 
+def write_script_outputs(result: dict, markdown: str, json_path, markdown_path) -> None:
+    """A benchmarks/ script's results: `result` (the command inside) as JSON and its `markdown`, each
+    written atomically where a path was given."""
+    import json
+
+    from adalora_deploy.io import write_text_atomic
+
+    if json_path:
+        write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
+    if markdown_path:
+        write_text_atomic(markdown_path, markdown)
+
+
 def write_outputs(result: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
     """Write whichever of the JSON, markdown and PNG outputs were asked for, each atomically."""
     import json
