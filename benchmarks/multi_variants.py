@@ -35,7 +35,7 @@ from torch import nn
 from adalora_deploy.bench.multi import _assignments, _export_all, multi_variants, peft_variant
 from adalora_deploy.bench.run import BenchConfig, make_feeds, summarize, time_cell, write_script_outputs
 from adalora_deploy.bench.variants import Variant, onnx_variant
-from adalora_deploy.constants import ADAPTER_INDEX_INPUT, MANIFEST_FILE, MODEL_FILE
+from adalora_deploy.constants import ADAPTER_INDEX_INPUT, MANIFEST_FILE, MODEL_CONFIG_FILE, MODEL_FILE
 from adalora_deploy.exporters.multi import (
     MultiAdapterClassifier,
     MultiLinear,
@@ -165,7 +165,7 @@ def run(checkpoint: Path, count: int, batch: int, seq: int, runs: int, warmup: i
                     onnx_variant("factored", dirs["merged"] / "factored", session),
                     gather, gather_plain, grouped_variant(grouped, dirs["multi"], dirs["packs"], session),
                     peft(1), peft(count)]
-        feeds = make_feeds(batch, seq, json.loads((dirs["multi"] / "config.json").read_text())["vocab_size"], 0)
+        feeds = make_feeds(batch, seq, json.loads((dirs["multi"] / MODEL_CONFIG_FILE).read_text())["vocab_size"], 0)
         # the grouped graph answers what the gather graph answers (same packs, same row assignment)
         np.testing.assert_allclose(variants[4].forward(feeds), gather.forward(feeds)["logits"], atol=1e-3)
         times = time_cell(variants, feeds, config)

@@ -26,7 +26,7 @@ from adalora_deploy.constants import (
 from adalora_deploy.errors import CheckpointError, ConfigError
 from adalora_deploy.io import read_json
 
-from .session import release_freed_memory
+from .session import trim_heap
 
 
 class AdapterPackError(CheckpointError):
@@ -244,14 +244,14 @@ class AdapterRegistry:
         pack = read_pack(name, path, self.graph)  # all checks before anything changes
         with self._lock:
             self._state = self._build(tuple(p for p in self._state.packs if p.name != name) + (pack,))
-        release_freed_memory()  # the previous stacks (once no batch holds them) and the pack file's bytes
+        trim_heap()  # the previous stacks (once no batch holds them) and the pack file's bytes
         return pack
 
     def unload(self, name: str) -> None:
         with self._lock:
             self._state.index([name])  # UnknownAdapterError when absent
             self._state = self._build(tuple(p for p in self._state.packs if p.name != name))
-        release_freed_memory()
+        trim_heap()
 
     def _build(self, packs: tuple[AdapterPack, ...]) -> AdapterState:
         if not packs:

@@ -296,28 +296,7 @@ def open_session(model: str | os.PathLike, config: SessionConfig | None = None) 
         raise ProviderUnavailableError(f"--provider cuda: ONNX Runtime fell back to {opened.provider}")
     if config.warmup:
         opened.warmup()
-    release_freed_memory()
+    # loading parses the whole protobuf, copies its initializers and frees the parse; glibc kept much of
+    # it resident: a fresh MiniLM session measured 160 to 189 MiB between identical runs, 160 trimmed
+    trim_heap()
     return opened
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    Loading a graph parses the whole protobuf and copies its initializers, then frees the parse; glibc
-    keeps much of that freed heap mapped, so a fresh session's resident memory varied by up to 25 MiB
-    between identical runs (MiniLM: 160 to 189 MiB, 160 after the trim; benchmarks/multi_adapter_cpu.md).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
