@@ -107,9 +107,9 @@ def export_grouped(model: nn.Module, count: int, out: Path) -> Path:
         torch.onnx.export(module, tensors, str(out / MODEL_FILE), input_names=names, output_names=["logits"],
                           dynamic_axes=axes, opset_version=18, dynamo=False)
         want = module(*tensors).numpy()
-    import onnxruntime as ort
+    from adalora_deploy.ort import inference_session, providers_for
 
-    got = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = inference_session(out / MODEL_FILE, providers_for("cpu")).run(None, feeds)[0]
     diff = float(np.abs(got - want).max())
     if diff > 1e-4:
         raise RuntimeError(f"grouped graph: ONNX Runtime vs PyTorch differ by {diff:.3g}")
