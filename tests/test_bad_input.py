@@ -208,12 +208,24 @@ BENCH_CASES = {
     "parent of json is a file": (["--json", "{ws}/a-file/b.json"], "is a file, not a directory"),
     "seq-lens above the model": (["--seq-lens", "8,4096"], "--seq-lens 4096 is above the 128 positions"),
 }
+# A checkpoint is validated as export and inspect validate it, before anything is exported or timed.
+BENCH_CHECKPOINT_CASES = {
+    **{f"config {name}": ([f"{{ws}}/bad-ckpt/{name}"], fragment) for name, (_, fragment) in BROKEN_CONFIGS.items()},
+    "adapters: config adalora-null": (["{ws}/bad-ckpt/adalora-null", "--adapters", "2"], "'adalora' must be a JSON object"),
+    "adapters: config a JSON list": (["{ws}/bad-ckpt/whole-config-a-list", "--adapters", "2"], "holds a JSON list"),
+}
 
 
 @pytest.mark.parametrize("case", list(BENCH_CASES))
 def test_bench_refuses(case, ws, monkeypatch, capsys):
     flags, fragment = BENCH_CASES[case]
     refuse(ws, monkeypatch, capsys, BENCH + flags, fragment)
+
+
+@pytest.mark.parametrize("case", list(BENCH_CHECKPOINT_CASES))
+def test_bench_refuses_a_broken_checkpoint(case, ws, monkeypatch, capsys):
+    flags, fragment = BENCH_CHECKPOINT_CASES[case]
+    refuse(ws, monkeypatch, capsys, ["bench", *flags, "--batch-sizes", "1", "--seq-lens", "8", "--runs", "1"], fragment)
 
 
 DEMO = ["demo", "--model", "{ws}/model", "--data", "{ws}/data/good.csv", "--fast"]

@@ -266,12 +266,13 @@ def run_multi_bench(checkpoint: str | os.PathLike, adapters: int, batch_sizes: l
     """Run the whole comparison (see the module docstring); returns the results dict."""
     from adalora_deploy.model import AdaLoraModel
 
-    from .run import BenchConfig
+    from .run import BenchConfig, check_checkpoint
 
     if adapters < 1:
         raise ConfigError(f"--adapters ({adapters}) must be >= 1")
     if not (Path(checkpoint) / CHECKPOINT_CONFIG_FILE).is_file():
         raise ConfigError(f"bench --adapters needs a checkpoint of `adalora-deploy train`, not {checkpoint}")
+    check_checkpoint(Path(checkpoint))
     counts = sorted({c for c in (1, 4, adapters) if c <= adapters})
     config = BenchConfig(batch_sizes=batch_sizes, seq_lens=[seq_len], runs=runs, warmup=warmup, provider="cpu",
                          threads=threads)

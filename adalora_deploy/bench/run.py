@@ -311,6 +311,17 @@ def locate(source: Path, workdir: Path, config: BenchConfig, export_fn=None) -> 
     return dirs, checkpoint
 
 
+def check_checkpoint(source: Path) -> None:
+    """A checkpoint's config gets the validation that export and inspect apply (types and values,
+    one `error:` line), before any export or timing."""
+    from .variants import is_checkpoint
+
+    if is_checkpoint(source):
+        from adalora_deploy.model import read_checkpoint_config
+
+        read_checkpoint_config(source)
+
+
 def refuse_generation(source: Path) -> None:
     """bench times single forward passes; a causal LM is measured by tokens/s in
     benchmarks/generate_bench.py instead. Refused before any work."""
@@ -354,6 +365,7 @@ def run_bench(
     config = config or BenchConfig()
     source = Path(source)
     check_output_files([json_path, markdown_path, plot_path], overwrite)
+    check_checkpoint(source)
     refuse_generation(source)
     choose_providers(config.session_config())  # --provider cuda without CUDA: fail before exporting
     with tempfile.TemporaryDirectory(prefix="adalora-bench-") as tmp:
