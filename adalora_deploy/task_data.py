@@ -138,7 +138,13 @@ def token_classification_rows(rows: list[dict], where: str, id2label: dict[int, 
             )
         checked.append({"tokens": tokens, "tags": tags})
         flat.extend(tags)
-    ids, id2label = encode_labels(flat, where, id2label)
+    training = id2label is None
+    ids, id2label = encode_labels(flat, where, id2label)  # huge integer tag ids are refused here
+    if training and len(set(ids)) < 2:
+        raise DataError(
+            f"{where}: every token has tag {id2label[ids[0]]!r}; a token classifier needs at least two tags "
+            "(e.g. O and B-PER)"
+        )
     start = 0
     for row in checked:
         row["tag_ids"], start = ids[start:start + len(row["tags"])], start + len(row["tags"])
@@ -154,6 +160,14 @@ def _answer(row: dict, where: str, i: int) -> tuple[str, int]:
     return row.get("answer_text"), row.get("answer_start")
 
 
+def _char_offset(value) -> int | None:
+    # JSON gives ints, CSV digit strings; a negative start would slice the context from its end and
+    # could match the answer text by accident.
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) < 19:
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def question_answering_rows(rows: list[dict], where: str, id2label=None) -> RowDataset:
     """Check question/context/answer rows: the answer text must sit at answer_start in the context."""
     hint = "name the columns question, context, answer_text, answer_start (or SQuAD's answers)"
@@ -162,10 +176,10 @@ def question_answering_rows(rows: list[dict], where: str, id2label=None) -> RowD
     for i, row in enumerate(rows, 1):
         question, context = row.get("question"), row.get("context")
         text, start = _answer(row, where, i)
-        try:
-            start = int(start)
-        except (TypeError, ValueError):
-            raise DataError(f"{where}: row {i} answer_start {start!r} is not an integer character offset; {hint}") from None
+        start = _char_offset(start)
+        if start is None:
+            raise DataError(f"{where}: row {i} answer_start {_answer(row, where, i)[1]!r} is not a character offset "
+                            f"(an integer >= 0); {hint}")
         if not all(isinstance(v, str) and v for v in (question, context, text)):
             raise DataError(f"{where}: row {i} needs non-empty question, context and answer_text strings")
         if context[start:start + len(text)] != text:
@@ -257,6 +271,12 @@ def _encode_question_answering(dataset: RowDataset, tokenizer, max_length: int) 
                           r["answer_start"] + len(r["answer_text"]))
         for b, r in enumerate(rows)
     ]
+    if all(p == (0, 0) for p in positions):
+        # Every label would be "no answer in this window": the model would learn one class only.
+        raise DataError(
+            f"{dataset.source}: every answer lies beyond --max-length {max_length} tokens (truncation cuts it off); "
+            "raise --max-length or shorten the contexts"
+        )
     return EncodedRows(enc["input_ids"], positions=positions, token_type_ids=enc.get("token_type_ids"),
                        pad_id=tokenizer.pad_token_id or 0)
 
@@ -278,8 +298,24 @@ def _encode_causal_lm(dataset: RowDataset, tokenizer, max_length: int) -> Encode
         ids.append(tokens)
         # transformers' causal-LM loss shifts the labels itself: label t is the target of position t - 1.
         labels.append([t if keep else IGNORE_INDEX for t, keep in zip(tokens, mask, strict=True)])
+    ids, labels = _drop_rows_without_targets(ids, labels, dataset.source, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return EncodedRows(ids, labels=labels, pad_id=pad)
+
+
+def _drop_rows_without_targets(ids: list, labels: list, where: str, max_length: int) -> tuple[list, list]:
+    # Position 0 is no one's target (the loss shifts labels by one). A row whose prompt fills
+    # --max-length has none: a batch of such rows has a 0/0 loss, NaN.
+    keep = [i for i, row in enumerate(labels) if any(t != IGNORE_INDEX for t in row[1:])]
+    if not keep:
+        raise DataError(
+            f"{where}: no row has a token to learn within --max-length {max_length} (the prompts fill it); "
+            "raise --max-length or shorten the prompts"
+        )
+    if len(keep) < len(ids):
+        print(f"note: {where}: {len(ids) - len(keep)} of {len(ids)} rows left out: their prompt fills --max-length "
+              f"{max_length}, leaving no completion token to learn")
+    return [ids[i] for i in keep], [labels[i] for i in keep]
 
 
 ENCODERS = {

@@ -107,3 +107,28 @@ def test_cli_trains_token_classification_and_qa_from_csv(tmp_path, capsys, tiny_
                      "--batch-size", "4", "--init-r", "4", "--target-r", "2", "--out", str(out)]) == 0
         assert f"eval {what}:" in capsys.readouterr().out
         assert json.loads((out / "adalora_config.json").read_text())["task"] == task
+
+
+def test_rows_whose_prompt_fills_max_length_are_left_out(capsys):
+    # Such a row has no target (position 0 is no one's target); a batch of them would give a NaN loss.
+    tok = bpe_tokenizer()
+    long_prompt = "the quick brown fox jumps over the lazy dog"
+    assert len(tok(long_prompt)["input_ids"]) > 6
+    rows = causal_lm_rows([{"prompt": long_prompt, "completion": " red"}, {"prompt": "a", "completion": " red green"},
+                           {"text": "monday tuesday"}], "c")
+    enc = rows.encode(tok, max_length=6)
+    assert len(enc) == 2 and enc.input_ids[0][0] == tok("a")["input_ids"][0]
+    assert all(any(t != IGNORE_INDEX for t in labels[1:]) for labels in enc.labels)
+    assert "note: c: 1 of 3 rows left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("start", [-1, "-1", True, 1.5, "1.5", "٣"])
+def test_answer_start_must_be_a_non_negative_integer(start):
+    with pytest.raises(DataError, match="is not a character offset"):
+        question_answering_rows([{"question": "q", "context": "xada", "answer_text": "ada", "answer_start": start}], "q")
+
+
+@pytest.mark.parametrize("start", [1, "1", " 1 "])
+def test_answer_start_as_json_integer_or_csv_digits(start):
+    assert question_answering_rows(
+        [{"question": "q", "context": "xada", "answer_text": "ada", "answer_start": start}], "q").rows[0]["answer_start"] == 1
