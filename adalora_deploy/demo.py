@@ -212,7 +212,8 @@ def train_stage(cfg: DemoConfig, paths: DemoPaths):
     from .training import train
 
     settings = {name: getattr(cfg, name) for name in TRAIN_FIELDS}
-    return train(progress=cfg.progress, out=str(paths.checkpoint), **settings)
+    # save_stopped=False: a diverged run fails the demo, whose output directory is then removed.
+    return train(progress=cfg.progress, save_stopped=False, out=str(paths.checkpoint), **settings)
 
 
 def export_stage(cfg: DemoConfig, paths: DemoPaths) -> Path:

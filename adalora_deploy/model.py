@@ -215,15 +215,19 @@ class AdaLoraModel(nn.Module):
 
     # -- checkpoint ---------------------------------------------------------------------------
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors a checkpoint saves (triplets, masks, saved modules), by checkpoint key."""
         state = {}
         for name, m in self.adapters.items():
             for key in TRIPLET_KEYS:
-                state[f"{name}.{key}"] = getattr(m, key).detach().cpu().contiguous()
+                state[f"{name}.{key}"] = getattr(m, key).detach()
         for mod_name in self.modules_to_save:
             for pname, p in self.model.get_submodule(mod_name).state_dict().items():
-                state[f"{mod_name}.{pname}"] = p.detach().cpu().contiguous()
+                state[f"{mod_name}.{pname}"] = p.detach()
         return state
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu().contiguous() for k, v in self.adapter_tensors().items()}
 
     def checkpoint_config(self, steps_done: int = 0, extra: dict | None = None) -> dict:
         ranks = self.ranks()
@@ -362,6 +366,8 @@ def validate_checkpoint_config(meta: dict, path: Path) -> None:
         bad(f"ranks must be integers in 0..init_r ({config.init_r})")
     if not all(isinstance(m, str) for m in meta["target_modules"]):
         bad("target_modules must be module-name strings")
+    if not isinstance(meta.get("stopped_early") or {}, dict):
+        bad('stopped_early must be a JSON object ({"steps_done", "steps_planned", "reason"}) or absent')
 
 
 def _refuse_non_finite(state: dict[str, torch.Tensor], checkpoint) -> None:

@@ -21,7 +21,7 @@ from .allocator import RankAllocator
 from .config import check_token_lengths
 from .constants import LABELLED_TASKS, MODEL_CONFIG_FILE, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 from .data import Encoded, batches, collate, encode, load_splits
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, DivergedError
 from .io import check_output_dir, check_tokenizer_files, read_json
 from .model import AdaLoraModel, prepare_model, resolve_model_path
 from .task_data import READERS, correct_and_total, load_task_splits
@@ -52,11 +52,18 @@ class TrainResult:
 # -- the plain loop -----------------------------------------------------------------------------
 
 
-def train(progress: bool = True, **kwargs) -> TrainResult:
+def train(progress: bool = True, save_stopped: bool = True, **kwargs) -> TrainResult:
     """Train a sequence classifier with AdaLoRA and write a checkpoint.
+
+    A loss or gradient norm that turns non-finite stops training before that step is applied and
+    raises DivergedError; its `model` is the last good state, which is also written to `out` (when
+    given, `save_stopped` is true and at least one step completed) as a checkpoint whose config
+    records `stopped_early`.
 
     Args:
         progress: show a tqdm bar with the loss and the current budget (rank 0 only).
+        save_stopped: write the last good state to `out` when training diverges (the demo does not:
+            its output directory is removed on any error).
         kwargs: the fields of TrainConfig (adalora_deploy/train_config.py), i.e. the flags of
             `adalora-deploy train` one to one.
     Returns:
@@ -73,14 +80,25 @@ def train(progress: bool = True, **kwargs) -> TrainResult:
         train_enc, eval_enc = (_encode(d, tokenizer, cfg.max_length) for d in (train_set, eval_set))
         allocator = RankAllocator(model, model.config, cfg.steps)
         start = time.perf_counter()
-        losses, budgets = fit(model, allocator, train_enc, cfg, (rank, world), progress and rank == 0)
+        stopped = None
+        try:
+            losses, budgets = fit(model, allocator, train_enc, cfg, (rank, world), progress and rank == 0)
+        except DivergedError as err:
+            stopped, losses, budgets = err, err.losses, err.budgets
+            err.model = model
         seconds = time.perf_counter() - start
+        if stopped is not None and not (save_stopped and cfg.out is not None and stopped.steps_done > 0):
+            stopped.unsaved = " (no good step to keep)" if stopped.steps_done == 0 else " (no --out)" if cfg.out is None else ""
+            raise stopped
         accuracy = evaluate(model, eval_enc)
         result = TrainResult(
             model, allocator, losses, accuracy, len(eval_set), eval_set.source, seconds, None, budgets, rank, world,
         )
         if cfg.out is not None:
-            result.checkpoint = _save(result, cfg, tokenizer, train_set.source, rank, world)
+            result.checkpoint = _save(result, cfg, tokenizer, train_set.source, rank, world, stopped)
+        if stopped is not None:
+            stopped.checkpoint = result.checkpoint
+            raise stopped
         return result
     finally:
         if owns_group:
@@ -213,14 +231,17 @@ def fit(
     gamma = model.config.orth_reg
     model.train()
     losses, budgets = [], []
+    good = None  # a copy of the last weights whose loss and gradients were finite
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
     try:
         for step, rows in enumerate(batches(len(encoded), cfg.batch_size, cfg.seed, shard, encoded.lengths), start=1):
             loss = net(**_collate(encoded, rows)).loss
             total = loss + gamma * model.orth_penalty() if gamma > 0 else loss
-            _stop_unless_finite(total, "loss", step, cfg)
+            _stop_unless_finite(total, "loss", step, cfg, model, good, losses, budgets)
             total.backward()  # under DDP the gradients are all-reduced when this returns
-            _stop_unless_finite(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM), "gradient norm", step, cfg)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            _stop_unless_finite(grad_norm, "gradient norm", step, cfg, model, good, losses, budgets)
+            good = _keep_copy(model, good)  # the weights after step - 1, checked on this step's batch
             optimizer.step()
             scheduler.step()
             budget = allocator.update_and_allocate(step)
@@ -236,14 +257,30 @@ def fit(
     return losses, budgets
 
 
-def _stop_unless_finite(value: torch.Tensor, what: str, step: int, cfg: TrainConfig) -> None:
-    # Checked before the optimizer applies the step, so the weights stay those of the last good step
-    # and no checkpoint of NaNs is ever written.
-    if not torch.isfinite(value):
-        raise TrainingError(
-            f"the {what} became {value.item()} at step {step} of {cfg.steps}: training stopped before applying it "
-            f"and nothing was written; lower --lr (now {cfg.lr:g}) or --alpha, or check the data"
-        )
+def _keep_copy(model: AdaLoraModel, copy: dict | None) -> dict:
+    live = model.adapter_tensors()
+    if copy is None:
+        return {k: v.clone() for k, v in live.items()}
+    for k, v in live.items():
+        copy[k].copy_(v)
+    return copy
+
+
+def _stop_unless_finite(
+    value: torch.Tensor, what: str, step: int, cfg: TrainConfig, model: AdaLoraModel, good: dict | None,
+    losses: list, budgets: list,
+) -> None:
+    # The weights after step - 1 gave this non-finite value, so they are not good either: the model goes
+    # back to the copy taken before that step was applied (after step - 2, whose loss and gradients were
+    # checked finite at step - 1). No checkpoint of NaNs or of overflowing weights is written.
+    if torch.isfinite(value):
+        return
+    err = DivergedError(what, value.item(), step, cfg.steps, cfg.lr)
+    err.steps_done = max(step - 2, 0)
+    if good is not None:
+        model.load_adapter_state(good)
+    err.losses, err.budgets = losses[:err.steps_done], budgets[:err.steps_done]
+    raise err
 
 
 def check_base_lengths(model: str | None, lengths: dict[str, int]) -> None:
@@ -281,8 +318,10 @@ def evaluate(model: torch.nn.Module, encoded: Encoded, batch_size: int = EVAL_BA
     return correct / max(counted, 1)
 
 
-def _save(result: TrainResult, cfg: TrainConfig, tokenizer, source: str, rank: int, world: int) -> Path:
+def _save(result: TrainResult, cfg: TrainConfig, tokenizer, source: str, rank: int, world: int,
+          stopped: DivergedError | None = None) -> Path:
     out = Path(cfg.out)
+    steps_done = cfg.steps if stopped is None else stopped.steps_done
     if rank == 0:
         extra = {
             "eval_accuracy": result.eval_accuracy, "eval_examples": result.eval_examples,
@@ -291,7 +330,10 @@ def _save(result: TrainResult, cfg: TrainConfig, tokenizer, source: str, rank: i
             "pad_token": {"token": tokenizer.pad_token, "id": tokenizer.pad_token_id,
                           "is_eos": tokenizer.pad_token is not None and tokenizer.pad_token == tokenizer.eos_token},
         }
-        result.model.save_pretrained(out, tokenizer, steps_done=cfg.steps, extra=extra, overwrite=cfg.overwrite)
+        if stopped is not None:
+            extra["stopped_early"] = {"steps_done": steps_done, "steps_planned": cfg.steps,
+                                      "reason": f"the {stopped.what} became {stopped.value} at step {stopped.step}"}
+        result.model.save_pretrained(out, tokenizer, steps_done=steps_done, extra=extra, overwrite=cfg.overwrite)
     if world > 1:
         torch.distributed.barrier()
     return out

@@ -366,6 +366,7 @@ def mode_manifest(plan: Plan, result: ModeResult, report: ValidationReport | Non
         "source": {"kind": source.kind, "path": str(source.path), **source_hash(source.files)},
         # the reloaded model against the outputs the trained model recorded when it was saved
         "reload_fingerprint": source.fingerprint,
+        "stopped_early": source.stopped_early,
         "base_model": model.base_model,
         "architecture": type(plan.task.module(model.model)).__name__,
         "model_type": model.model.config.model_type,
@@ -509,6 +510,11 @@ def export(
     check_output_dir(out, overwrite, (checkpoint, base))
     with _step(f"loading {checkpoint}"):
         source = load_source(checkpoint, base=base)
+    if source.stopped_early:
+        stop = source.stopped_early
+        log.warning("note: %s holds the last good state of a run that diverged (%s), after %s of %s steps: it exports, "
+                    "but it is not trained to the end", checkpoint, stop.get("reason"), stop.get("steps_done"),
+                    stop.get("steps_planned"))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         _export_into(tmp, source, request)
     log.info("wrote %s", ", ".join(str(Path(out) / m.name) for m in request.modes))

@@ -17,7 +17,7 @@ from adalora_deploy.constants import (
 from adalora_deploy.constants import CHECKPOINT_CONFIG_FILE as CONFIG_FILE
 from adalora_deploy.errors import CheckpointError
 from adalora_deploy.fingerprint import verify as verify_fingerprint
-from adalora_deploy.model import AdaLoraModel, resolve_model_path
+from adalora_deploy.model import AdaLoraModel, read_checkpoint_config, resolve_model_path
 from adalora_deploy.peft_import import load_peft_adapter
 
 
@@ -33,6 +33,8 @@ class Source:
         tokenizer_dir: where the tokenizer files are (the checkpoint, else the base model).
         fingerprint: how the reloaded model reproduced the outputs recorded at save time (None when the
             source has no fingerprint: PEFT adapters, checkpoints of earlier releases).
+        stopped_early: the checkpoint config's record of a diverged run whose last good state it holds
+            (steps_done, steps_planned, reason), else None.
     """
 
     kind: str
@@ -41,6 +43,7 @@ class Source:
     files: list[Path]
     tokenizer_dir: str
     fingerprint: dict | None = None
+    stopped_early: dict | None = None
 
     @property
     def task(self) -> str:
@@ -64,10 +67,12 @@ def load_source(checkpoint: str | os.PathLike, base: str | None = None) -> Sourc
     path = Path(checkpoint)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
+    stopped = None
     if (path / CONFIG_FILE).is_file():
         model = AdaLoraModel.from_pretrained(path, base=base).eval()
         kind, files = CHECKPOINT_FORMAT, [path / ADAPTER_FILE, path / CONFIG_FILE]
         fingerprint = verify_fingerprint(model.model, path)
+        stopped = read_checkpoint_config(path).get("stopped_early")
     elif (path / PEFT_CONFIG_FILE).is_file():
         model, fingerprint = load_peft_adapter(path, base=base), None
         kind, files = PEFT_SOURCE_KIND, [path / PEFT_WEIGHTS_FILE, path / PEFT_CONFIG_FILE]
@@ -76,4 +81,4 @@ def load_source(checkpoint: str | os.PathLike, base: str | None = None) -> Sourc
             f"{path} is neither an adalora-deploy checkpoint ({CONFIG_FILE}) nor a PEFT adapter "
             f"({PEFT_CONFIG_FILE}): pass the directory written by `adalora-deploy train` or PEFT's save_pretrained"
         )
-    return Source(kind, path, model.requires_grad_(False), files, _tokenizer_dir(path, model), fingerprint)
+    return Source(kind, path, model.requires_grad_(False), files, _tokenizer_dir(path, model), fingerprint, stopped)

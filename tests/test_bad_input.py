@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from adalora_deploy.cli import main
 
+from .test_data import write_jsonl
 from .test_training import separable_rows, write_rows
+from .tiny_decoders import save_tiny_decoder
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,17 @@ def ws(tmp_path_factory, tiny_bert_dir, tiny_checkpoint, tiny_export_root) -> Pa
     write_rows(data / "huge-label.csv", [("x", "1000000000000"), ("y", "0")])
     (data / "latin1.jsonl").write_bytes('{"text": "caf\u00e9", "label": 0}\n'.encode("latin-1"))
     (data / "big-int.jsonl").write_text('{"text": "x", "label": ' + "9" * 5000 + "}\n")
+    write_jsonl(data / "one-tag.jsonl", [{"tokens": ["ada", "wrote", "notes"], "tags": ["O", "O", "O"]}] * 10)
+    write_jsonl(data / "huge-tag.jsonl", [{"tokens": ["ada", "wrote"], "tags": [0, 10**12]}] * 10)
+    # context[-9:-6] of "ada wrote" is "ada": a negative start slices from the end and would be taken
+    write_jsonl(data / "qa-negative-start.jsonl",
+                [{"question": "who?", "context": "ada wrote", "answer_text": "ada", "answer_start": -9}] * 10)
+    far = "filler " * 40 + "ada"  # the answer sits past 16 tokens in every row
+    write_jsonl(data / "qa-cut-off.jsonl",
+                [{"question": "who?", "context": far, "answer_text": "ada", "answer_start": far.index("ada")}] * 10)
+    write_jsonl(data / "lm-long-prompts.jsonl",
+                [{"prompt": "the quick brown fox jumps over the lazy dog", "completion": " again"}] * 10)
+    save_tiny_decoder(root / "decoder")
     untok = root / "model-without-tokenizer"
     shutil.copytree(root / "model", untok)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -151,9 +164,28 @@ TRAIN_CASES = {
     "100,000-digit JSON label": (["--data", "{ws}/data/big-int.jsonl", "--out", "{ws}/new"], "cannot be read"),
     "max-length above the model": (["--max-length", "512", "--out", "{ws}/new"], "--max-length 512 is above the 128 positions"),
     "model without a tokenizer": (["--model", "{ws}/model-without-tokenizer", "--out", "{ws}/new"], "has no tokenizer files"),
+    # the token-level tasks: one class, huge ids, and labels that truncation leaves empty
+    "token-classification: one tag only": (
+        ["--task", "token-classification", "--data", "{ws}/data/one-tag.jsonl", "--out", "{ws}/new"],
+        "every token has tag 'O'; a token classifier needs at least two tags"),
+    "token-classification: huge integer tag": (
+        ["--task", "token-classification", "--data", "{ws}/data/huge-tag.jsonl", "--out", "{ws}/new"],
+        "over the limit of 10000"),
+    "question-answering: negative answer_start": (
+        ["--task", "question-answering", "--data", "{ws}/data/qa-negative-start.jsonl", "--out", "{ws}/new"],
+        "answer_start -9 is not a character offset"),
+    "question-answering: every answer cut off": (
+        ["--task", "question-answering", "--data", "{ws}/data/qa-cut-off.jsonl", "--max-length", "16",
+         "--out", "{ws}/new"], "every answer lies beyond --max-length 16 tokens"),
+    "causal-lm: prompts fill max-length": (
+        ["--task", "causal-lm", "--model", "{ws}/decoder", "--data", "{ws}/data/lm-long-prompts.jsonl",
+         "--max-length", "4", "--out", "{ws}/new"], "no row has a token to learn within --max-length 4"),
     "steps zero": (["--steps", "0", "--out", "{ws}/new"], "steps (0) must be >= 1"),
-    # the one case that trains: AdamW moves every weight by ~lr per step, so the activations overflow
-    "loss becomes non-finite": (["--lr", "1e30", "--out", "{ws}/new"], "of 10: training stopped before applying it"),
+    # the one case that trains: AdamW moves every weight by ~lr per step, so the activations overflow. With
+    # 5 steps there is no warm-up: step 1 applies lr 1e30 and step 2's loss is NaN, so no weights are good
+    # but the initial ones and nothing is written (a later divergence: test_a_diverged_run_...).
+    "loss becomes non-finite": (["--lr", "1e30", "--steps", "5", "--out", "{ws}/new"],
+                                "at step 2 of 5: training stopped before applying it; nothing was written"),
     "target_r above init_r": (["--init-r", "2", "--target-r", "3", "--out", "{ws}/new"], "target_r (3) must be between"),
 }
 
@@ -162,6 +194,30 @@ TRAIN_CASES = {
 def test_train_refuses(case, ws, monkeypatch, capsys):
     flags, fragment = TRAIN_CASES[case]
     refuse(ws, monkeypatch, capsys, TRAIN + flags, fragment)
+
+
+def test_a_diverged_run_leaves_its_last_good_state_as_a_checkpoint(ws, tmp_path, monkeypatch, capsys):
+    # 10 steps: step 1 is the warm-up's lr 0, step 2 applies lr 1e6, step 3's loss overflows. The weights
+    # after step 1 gave step 2 a finite loss: they are the checkpoint, which must export and inspect.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ckpt"
+    code = main([a.replace("{ws}", str(ws)) for a in TRAIN] + ["--lr", "1e6", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert [line for line in err if line.startswith("error: ")] == err[-1:]
+    assert err[-1].startswith("error: the loss became nan at step 3 of 10: training stopped before applying it; "
+                              f"the last good state (after step 1) is in {out} as a checkpoint marked stopped early")
+    assert err[-1].endswith("lower --lr (now 1e+06) or --alpha, or check the data, and train again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # written atomically: no temporary left
+    meta = json.loads((out / "adalora_config.json").read_text())
+    assert meta["steps_done"] == 1
+    assert meta["stopped_early"] == {"steps_done": 1, "steps_planned": 10, "reason": "the loss became nan at step 3"}
+    assert main(["export", str(out), "--out", str(tmp_path / "onnx"), "--prune-ranks"]) == 0
+    assert "note: " in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "onnx" / "merged" / "adalora_manifest.json").read_text())
+    assert manifest["stopped_early"] == meta["stopped_early"]
+    assert main(["inspect", str(out)]) == 0
+    assert "stopped early: the last good state of a run that diverged" in capsys.readouterr().out
 
 
 EXPORT_CASES = {

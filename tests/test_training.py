@@ -2,14 +2,16 @@
 
 import copy
 import csv
+import json
 import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from adalora_deploy.allocator import RankAllocator
 from adalora_deploy.config import AdaLoraConfig
-from adalora_deploy.errors import ConfigError, OutputExistsError
+from adalora_deploy.errors import ConfigError, DivergedError, OutputExistsError
 from adalora_deploy.model import AdaLoraModel, prepare_model
 from adalora_deploy.training import AdaLoraTrainer, TrainConfig, train
 
@@ -136,6 +138,44 @@ def test_allocator_sees_the_steps_gradients(monkeypatch, nodrop_bert_dir, separa
     train(progress=False, model=str(nodrop_bert_dir), data=separable_csv, steps=6, batch_size=4,
           init_r=2, target_r=1, tinit=1, tfinal=1)
     assert seen == [(step, True) for step in range(1, 7)]
+
+
+def test_a_diverged_run_keeps_the_last_weights_whose_loss_was_finite(monkeypatch, tmp_path, nodrop_bert_dir, separable_csv):
+    """After step 3 is applied, one lam is set to inf: the gradient norm at step 4 is NaN, so the weights
+    after step 3 are bad; the run must stop there and save exactly the weights after step 2 (which gave
+    step 3 its finite loss and gradients), masks and head included, marked stopped early."""
+    after = {}  # step -> the saved tensors after that step (allocation included)
+    original_init, original_update = RankAllocator.__init__, RankAllocator.update_and_allocate
+
+    def init(self, model, *args):
+        original_init(self, model, *args)
+        self.whole = model
+
+    def update(self, step):
+        budget = original_update(self, step)
+        after[step] = {k: v.clone() for k, v in self.whole.adapter_state_dict().items()}
+        if step == 3:
+            with torch.no_grad():
+                next(iter(self.modules.values())).lam[0] = float("inf")
+        return budget
+
+    monkeypatch.setattr(RankAllocator, "__init__", init)
+    monkeypatch.setattr(RankAllocator, "update_and_allocate", update)
+    out = tmp_path / "ckpt"
+    with pytest.raises(DivergedError) as caught:
+        train(progress=False, model=str(nodrop_bert_dir), data=separable_csv, steps=20, batch_size=4, init_r=2,
+              target_r=1, tinit=1, tfinal=2, delta_t=1, out=str(out))
+    err = caught.value
+    assert (err.step, err.steps_done, err.checkpoint, sorted(after)) == (4, 2, out, [1, 2, 3])
+    assert not torch.equal(after[2][next(k for k in after[2] if k.endswith(".lam"))],
+                           after[1][next(k for k in after[1] if k.endswith(".lam"))])  # the steps did move lam
+    saved = load_file(out / "adapter.safetensors")
+    assert saved.keys() == after[2].keys() and all(torch.equal(saved[k], after[2][k]) for k in saved)
+    assert all(torch.equal(v, after[2][k]) for k, v in err.model.adapter_state_dict().items())
+    meta = json.loads((out / "adalora_config.json").read_text())
+    assert meta["steps_done"] == 2 and meta["stopped_early"] == {
+        "steps_done": 2, "steps_planned": 20, "reason": "the gradient norm became nan at step 4"}
+    assert f"the last good state (after step 2) is in {out}" in str(err)
 
 
 # -- Hugging Face Trainer -------------------------------------------------------------------------

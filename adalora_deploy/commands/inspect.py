@@ -54,9 +54,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"ranks of {args.checkpoint} (init_r {report.init_r}, target_r {report.target_r})")
         print(format_table(report))
         print(format_rank_summary(report))
+        _note_stopped_early(args.checkpoint)
     if json_file(args):
         print(f"json: {write_json_file(json_file(args), report.to_json())}")
     if args.plot:
         path = plot_heatmap(report, args.plot, overwrite=args.overwrite)
         print(f"plot: {path}", file=sys.stderr if json_to_stdout(args) else sys.stdout)
     return 0
+
+
+def _note_stopped_early(checkpoint: str) -> None:
+    from ..model import read_checkpoint_config
+
+    stop = read_checkpoint_config(checkpoint).get("stopped_early")
+    if stop:
+        print(f"stopped early: the last good state of a run that diverged ({stop.get('reason')}), after "
+              f"{stop.get('steps_done')} of {stop.get('steps_planned')} steps")
