@@ -44,7 +44,8 @@ FULL = {"steps": TrainConfig.steps, "bench_batch_sizes": [1, 32], "bench_seq_len
 VARIANT_KEYS = {"merged": "merged", "merged_int8": "merged_int8", "factored": "factored_pruned", "pytorch": "pytorch"}
 
 # DemoConfig's fields taken from TrainConfig (same names) and BenchConfig (demo name -> bench name).
-TRAIN_FIELDS = ("model", "data", "steps", "batch_size", "lr", "max_length", "seed", "init_r", "target_r", "alpha")
+TRAIN_FIELDS = ("model", "data", "steps", "batch_size", "lr", "max_length", "seed", "init_r", "target_r", "alpha",
+                "threads")
 BENCH_FIELDS = {"bench_batch_sizes": "batch_sizes", "bench_seq_lens": "seq_lens", "bench_runs": "runs",
                 "provider": "provider"}
 # Where the demo's defaults differ from train's and bench's. None: FAST or FULL above, by --fast.
@@ -66,6 +67,8 @@ DEMO_HELP = {
     "bench_seq_lens": _fast_or_full("bench_seq_lens", "bench grid columns, tokens"),
     "bench_runs": _fast_or_full("bench_runs", "timed runs per variant and cell"),
     "provider": "ONNX Runtime provider for scoring and bench (default: %(default)s)",
+    "threads": "intra-op threads for training (PyTorch) and the bench (ONNX Runtime and PyTorch) (default: the "
+               "cores this process may use, its CPU affinity and cgroup CPU quota); README, Threads",
 }
 
 
@@ -86,6 +89,8 @@ def _check_demo_config(self) -> None:
             raise ConfigError(f"{name} ({getattr(self, name)}) must be a finite number")
     if self.provider not in PROVIDERS:
         raise ConfigError(f"provider {self.provider!r} must be one of {', '.join(PROVIDERS)}")
+    if self.threads is not None and self.threads < 1:
+        raise ConfigError(f"threads ({self.threads}) must be >= 1, or left out for the usable cores")
 
 
 DemoConfig = make_dataclass("DemoConfig", [
@@ -262,7 +267,8 @@ def bench_stage(cfg: DemoConfig, paths: DemoPaths) -> dict:
     """Latency of merged, factored and PyTorch, interleaved in this process (runtime bench)."""
     from .bench import run_bench
 
-    config = BenchConfig(warmup=2, **{name: getattr(cfg, demo_name) for demo_name, name in BENCH_FIELDS.items()})
+    config = BenchConfig(warmup=2, threads=cfg.threads,
+                         **{name: getattr(cfg, demo_name) for demo_name, name in BENCH_FIELDS.items()})
     int8 = paths.onnx_int8 / "merged"
     return run_bench(
         paths.onnx, config, json_path=str(paths.file("bench.json")), markdown_path=str(paths.file("bench.md")),

@@ -68,11 +68,16 @@ class TrainConfig:
     # None trains without writing a checkpoint (Python callers); the command requires it.
     out: str | None = field(default=None, metadata={"help": "checkpoint directory to write", "required": True})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out"})
+    threads: int | None = field(default=None, metadata={"help":
+        "PyTorch intra-op threads (default: torch's own count, OMP_NUM_THREADS when set, capped at the cores "
+        "this process may use: its CPU affinity and cgroup CPU quota); README, Threads"})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads ({self.threads}) must be >= 1, or left out for the usable cores")
         if self.task not in TRAIN_TASKS:
             raise ConfigError(f"task {self.task!r} cannot be trained: choose one of {', '.join(TRAIN_TASKS)} (--task)")
         if self.data in BUILTIN_SETS and self.task != SEQUENCE_CLASSIFICATION:

@@ -25,6 +25,7 @@ from .errors import CheckpointError, DivergedError
 from .io import check_output_dir, check_tokenizer_files, read_json
 from .model import AdaLoraModel, prepare_model, resolve_model_path
 from .task_data import READERS, correct_and_total, load_task_splits
+from .threads import usable_cores
 from .train_config import TrainConfig
 
 MAX_GRAD_NORM = 1.0
@@ -74,6 +75,7 @@ def train(progress: bool = True, save_stopped: bool = True, **kwargs) -> TrainRe
         check_output_dir(cfg.out, cfg.overwrite, (cfg.model, cfg.data, cfg.eval_data))  # before any work, not after
     check_base_lengths(cfg.model, {"--max-length": cfg.max_length})
     train_set, eval_set = _load_data(cfg)
+    torch.set_num_threads(training_threads(cfg.threads))
     rank, world, owns_group = _init_distributed()
     try:
         model, tokenizer = _prepare(cfg, train_set)
@@ -103,6 +105,13 @@ def train(progress: bool = True, save_stopped: bool = True, **kwargs) -> TrainRe
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
+
+
+def training_threads(requested: int | None) -> int:
+    """`requested`, else torch's current count (OMP_NUM_THREADS or a caller's set_num_threads decide
+    it) capped at the cores this process may use: torch counts every CPU of the machine, even those a
+    cgroup quota or an affinity mask keeps from it."""
+    return requested or min(torch.get_num_threads(), usable_cores())
 
 
 def _load_data(cfg: TrainConfig):

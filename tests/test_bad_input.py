@@ -181,6 +181,7 @@ TRAIN_CASES = {
         ["--task", "causal-lm", "--model", "{ws}/decoder", "--data", "{ws}/data/lm-long-prompts.jsonl",
          "--max-length", "4", "--out", "{ws}/new"], "no row has a token to learn within --max-length 4"),
     "steps zero": (["--steps", "0", "--out", "{ws}/new"], "steps (0) must be >= 1"),
+    "threads zero": (["--threads", "0", "--out", "{ws}/new"], "threads (0) must be >= 1"),
     # the one case that trains: AdamW moves every weight by ~lr per step, so the activations overflow. With
     # 5 steps there is no warm-up: step 1 applies lr 1e30 and step 2's loss is NaN, so no weights are good
     # but the initial ones and nothing is written (a later divergence: test_a_diverged_run_...).
@@ -295,6 +296,7 @@ DEMO_CASES = {
     "bench-seq-lens above the model": (["--out", "{ws}/new", "--bench-seq-lens", "1024"], "--bench-seq-lens 1024 is above"),
     "max-length above the model": (["--out", "{ws}/new", "--max-length", "129"], "--max-length 129 is above"),
     "lr inf": (["--out", "{ws}/new", "--lr", "inf"], "lr (inf) must be a finite number"),
+    "threads zero": (["--out", "{ws}/new", "--threads", "0"], "threads (0) must be >= 1"),
 }
 
 

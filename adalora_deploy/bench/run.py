@@ -32,6 +32,7 @@ from adalora_deploy.errors import ConfigError
 from adalora_deploy.flags import int_list
 from adalora_deploy.ort import PROVIDERS, ExportDirError, disabled_optimizers, token_inputs
 from adalora_deploy.runtime.session import SessionConfig
+from adalora_deploy.threads import usable_cores
 
 from .variants import VARIANTS, Variant
 
@@ -60,8 +61,8 @@ class BenchConfig:
         "help": "ONNX Runtime provider, PyTorch follows it; auto takes CUDA when it really starts (default: "
         "%(default)s)", "choices": PROVIDERS})
     threads: int | None = field(default=None, metadata={
-        "help": "intra-op threads for ONNX Runtime and PyTorch alike (default: all logical CPUs; with "
-        "--adapters: 1)"})
+        "help": "intra-op threads for ONNX Runtime and PyTorch alike (default: the cores this process may use, "
+        "its CPU affinity and cgroup CPU quota; with --adapters: 1)"})
     dtype: str = field(default="fp32", metadata={"help": "graph precision; fp16 needs CUDA", "choices": DTYPES})
     # Python only: the command line always draws its token ids with seed 0.
     seed: int = field(default=0, metadata={"help": "seed of the random token ids", "flag": False})
@@ -75,7 +76,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         self.batch_sizes = [1, 8, 32] if self.batch_sizes is None else self.batch_sizes
         self.seq_lens = [32, 128] if self.seq_lens is None else self.seq_lens
-        self.threads = (os.cpu_count() or 1) if self.threads is None else self.threads
+        self.threads = usable_cores() if self.threads is None else self.threads
         if not self.batch_sizes or not self.seq_lens or min(self.batch_sizes + self.seq_lens) < 1:
             raise ConfigError("batch sizes and sequence lengths must be non-empty lists of integers >= 1")
         if self.runs < 1 or self.warmup < 0 or self.threads < 1:
