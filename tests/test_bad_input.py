@@ -245,6 +245,8 @@ INSPECT_CASES = {
     "plot without an extension": (["{ws}/runs/ckpt", "--plot", "{ws}/ranks"], "has no image extension"),
     "plot is a directory": (["{ws}/runs/ckpt", "--plot", "{ws}/existing-dir"], "is a directory"),
     "plot exists": (["{ws}/runs/ckpt", "--plot", "{ws}/data/good.csv"], "already exists"),
+    "json target is a directory": (["{ws}/runs/ckpt", "--json", "{ws}/existing-dir"], "is a directory"),
+    "json exists": (["{ws}/runs/ckpt", "--json", "{ws}/data/good.csv"], "already exists"),
     **{f"config {name}": ([f"{{ws}}/bad-ckpt/{name}"], fragment) for name, (_, fragment) in BROKEN_CONFIGS.items()},
 }
 
@@ -265,8 +267,10 @@ BENCH_CASES = {
     "parent of json is a file": (["--json", "{ws}/a-file/b.json"], "is a file, not a directory"),
     "seq-lens above the model": (["--seq-lens", "8,4096"], "--seq-lens 4096 is above the 128 positions"),
 }
-# A checkpoint is validated as export and inspect validate it, before anything is exported or timed.
-BENCH_CHECKPOINT_CASES = {
+# A checkpoint is validated as export and inspect validate it, before anything is exported or timed;
+# an export's manifest is read as a JSON object.
+BENCH_SOURCE_CASES = {
+    "manifest is a JSON list": (["{ws}/listed"], "holds a JSON list, not an object"),
     **{f"config {name}": ([f"{{ws}}/bad-ckpt/{name}"], fragment) for name, (_, fragment) in BROKEN_CONFIGS.items()},
     "adapters: config adalora-null": (["{ws}/bad-ckpt/adalora-null", "--adapters", "2"], "'adalora' must be a JSON object"),
     "adapters: config a JSON list": (["{ws}/bad-ckpt/whole-config-a-list", "--adapters", "2"], "holds a JSON list"),
@@ -279,9 +283,9 @@ def test_bench_refuses(case, ws, monkeypatch, capsys):
     refuse(ws, monkeypatch, capsys, BENCH + flags, fragment)
 
 
-@pytest.mark.parametrize("case", list(BENCH_CHECKPOINT_CASES))
-def test_bench_refuses_a_broken_checkpoint(case, ws, monkeypatch, capsys):
-    flags, fragment = BENCH_CHECKPOINT_CASES[case]
+@pytest.mark.parametrize("case", list(BENCH_SOURCE_CASES))
+def test_bench_refuses_a_broken_source(case, ws, monkeypatch, capsys):
+    flags, fragment = BENCH_SOURCE_CASES[case]
     refuse(ws, monkeypatch, capsys, ["bench", *flags, "--batch-sizes", "1", "--seq-lens", "8", "--runs", "1"], fragment)
 
 

@@ -30,11 +30,11 @@ PYTHON_ONLY = {("BenchConfig", "seed"), ("DemoConfig", "progress"), ("ExportConf
 PUBLIC_FLAGS = {
     "train": "--model --data --eval-data --steps --batch-size --lr --max-length --seed --init-r --target-r --alpha "
              "--tinit --tfinal --delta-t --orth-reg --importance --target-modules --modules-to-save --task --out "
-             "--overwrite",
+             "--overwrite --threads",
     "bench": "--batch-sizes --seq-lens --adapters --runs --warmup --provider --threads --dtype --int8 --eval-data "
              "--json --markdown --plot --overwrite",
     "demo": "--out --overwrite --model --data --steps --batch-size --lr --max-length --seed --init-r --target-r "
-            "--alpha --bench-batch-sizes --bench-seq-lens --bench-runs --provider --fast",
+            "--alpha --threads --bench-batch-sizes --bench-seq-lens --bench-runs --provider --fast",
     "serve": "--mode --adapters --adapter-root --host --port --provider --threads --max-batch-size --max-wait-ms "
              "--max-texts --max-chars --max-queue-texts --max-queue-tokens --max-batch-tokens --request-timeout "
              "--body-timeout --log-level",
