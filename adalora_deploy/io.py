@@ -4,6 +4,7 @@ signals; safe tensor loading. The contract is described in docs/refusals.md."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -171,12 +172,15 @@ def atomic_output_dir(
     """
     out = check_output_dir(out, overwrite, sources).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    _as_created(tmp, directory=True)
+    prefix = f".{out.name}.tmp-{os.getpid()}-"
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+        _as_created(tmp, directory=True)
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # By name, not by `tmp`: a signal can land after mkdtemp made the directory but before `tmp` is set.
+        for left in out.parent.glob(glob.escape(prefix) + "*"):
+            shutil.rmtree(left, ignore_errors=True)
         raise
     old = None
     if out.exists():
