@@ -11,7 +11,7 @@ at every step instead (the baseline the KV cache is measured against).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,10 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
     return ids, mask
+
+
+class PredictionCancelled(Exception):
+    """A `should_stop` callback said that nobody waits for the result any more (predict, generate)."""
 
 
 def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
@@ -167,12 +171,17 @@ class Generator:
             else:
                 logits, _ = self._run(ids, mask, self._empty_past(len(prompts)))
 
-    def generate(self, prompts: list[list[int]], config: GenerationConfig) -> list[dict]:
+    def generate(
+        self, prompts: list[list[int]], config: GenerationConfig, should_stop: Callable[[], bool] | None = None
+    ) -> list[dict]:
         """Generated ids per prompt: {"token_ids": [...] (EOS included when reached),
-        "finish_reason": "eos" | "length"}."""
+        "finish_reason": "eos" | "length"}. `should_stop` is asked after each step; True raises
+        PredictionCancelled."""
         out = [{"token_ids": [], "finish_reason": "length"} for _ in prompts]
         finished = np.zeros(len(prompts), dtype=bool)
         for tokens, done in self.stream(prompts, config):
+            if should_stop is not None and should_stop():
+                raise PredictionCancelled("nobody waits for this generation any more")
             for row in np.flatnonzero(~finished):
                 out[row]["token_ids"].append(int(tokens[row]))
                 if done[row]:

@@ -8,7 +8,11 @@
       {"done": true, "generations": [...]}                     (last line, as the non-streamed answer)
 
 Generations run one at a time on their own model thread (the prompts of one request form one
-left-padded batch); a streamed generation stops when its client disconnects.
+left-padded batch). They have the bounds of /v1/predict (runtime/limits.py, docs/refusals.md): the
+prompts and tokens (prompt estimate + max_new_tokens) queued or running are bounded (503 with
+Retry-After), a generation that has not completed (or, streamed, not produced its first token) within
+--request-timeout gets 504, and a generation whose client disconnected or timed out stops before its
+next step, or is dropped before it starts.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from adalora_deploy.constants import CAUSAL_LM
 from adalora_deploy.errors import ConfigError
 
 from .generate import GenerationConfig
-from .limits import check_text, load_json
+from .limits import (
+    Admission,
+    RequestError,
+    check_text,
+    load_json,
+    read_body,
+    token_estimate,
+    until_done_or_gone,
+)
 
 MAX_NEW_TOKENS_LIMIT = 1024
 OPTION_TYPES = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float, "seed": int}
@@ -103,12 +115,20 @@ class GenerationService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adalora-generate")
 
     async def generate(self, req: GenerateRequest) -> list[dict]:
+        """The generations; cancelling the caller stops the work before its next step (or before it starts)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, lambda: self.predictor.generate(req.prompts, **req.options))
+        cancelled = threading.Event()
+        try:
+            return await loop.run_in_executor(
+                self.executor, lambda: self.predictor.generate(req.prompts, should_stop=cancelled.is_set, **req.options)
+            )
+        finally:
+            cancelled.set()  # the client went away or timed out (no-op once done)
 
-    async def events(self, req: GenerateRequest, request: Request):
+    async def events(self, req: GenerateRequest, on_end=None):
         """NDJSON lines; the first event is produced before this returns, so that a bad request
-        (e.g. a prompt too long for the model) still gets a 4xx status instead of a broken stream."""
+        (e.g. a prompt too long for the model) still gets a 4xx status instead of a broken stream.
+        Cancelling this call before it returns stops the producer; `on_end` runs when the stream ends."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -116,6 +136,8 @@ class GenerationService:
 
         def produce() -> None:
             try:
+                if cancelled.is_set():  # dropped while it waited for the model thread
+                    return
                 for event in self.predictor.stream(req.prompts, **req.options):
                     if cancelled.is_set():
                         break
@@ -125,8 +147,13 @@ class GenerationService:
                 loop.call_soon_threadsafe(queue.put_nowait, err)
 
         self.executor.submit(produce)
-        first = await queue.get()
+        try:
+            first = await queue.get()
+        except BaseException:
+            cancelled.set()
+            raise
         if isinstance(first, Exception):
+            cancelled.set()
             raise first
 
         async def lines():
@@ -142,6 +169,8 @@ class GenerationService:
                 yield json.dumps({"done": True, "generations": _collect(seen, len(req.prompts))}) + "\n"
             finally:
                 cancelled.set()  # the client went away, or we are done: stop the producer
+                if on_end is not None:
+                    on_end()
 
         return lines()
 
@@ -149,21 +178,37 @@ class GenerationService:
         self.executor.shutdown(wait=True)
 
 
-def add_generate_route(app, predictor, config, request_error, read_body) -> GenerationService:
-    """Register POST /v1/generate on `app`; it answers 422 for exports that are not causal LMs."""
+def generate_tokens(req: GenerateRequest, max_length: int) -> int:
+    """An upper bound of the tokens a generation holds: its prompts' (estimated) and the new ones."""
+    new = req.options.get("max_new_tokens", GenerationConfig.max_new_tokens)
+    return token_estimate(req.prompts, max_length) + len(req.prompts) * new
+
+
+def add_generate_route(app, predictor, config, admission: Admission) -> GenerationService:
+    """Register POST /v1/generate on `app`; it answers 422 for exports that are not causal LMs. Its
+    requests share `admission` (the queue bounds) with /v1/predict."""
     service = GenerationService(predictor)
 
     @app.post("/v1/generate")
     async def generate(request: Request):
         if predictor.task != CAUSAL_LM:
-            raise request_error(422, f"this server runs a {predictor.task} model: use POST /v1/predict")
+            raise RequestError(422, f"this server runs a {predictor.task} model: use POST /v1/predict")
         data = load_json(await read_body(request, config.max_body_bytes, config.body_timeout))
-        req = parse_generate(data, config.max_texts, config.max_chars, request_error)
+        req = parse_generate(data, config.max_texts, config.max_chars, RequestError)
+        tokens = generate_tokens(req, predictor.max_length)
+        admission.admit(len(req.prompts), tokens)
+        streaming = False  # once the stream is handed over, it releases its room when it ends
         try:
-            if req.stream:
-                return StreamingResponse(await service.events(req, request), media_type="application/x-ndjson")
-            return {"generations": await service.generate(req)}
+            if req.stream:  # the deadline covers the wait for the first token; the stream ends with its client
+                release = lambda: admission.release(len(req.prompts), tokens)  # noqa: E731
+                lines = await until_done_or_gone(service.events(req, on_end=release), request, config.request_timeout)
+                streaming = True
+                return StreamingResponse(lines, media_type="application/x-ndjson")
+            return {"generations": await until_done_or_gone(service.generate(req), request, config.request_timeout)}
         except ConfigError as err:
-            raise request_error(422, str(err)) from err
+            raise RequestError(422, str(err)) from err
+        finally:
+            if not streaming:
+                admission.release(len(req.prompts), tokens)
 
     return service

@@ -4,6 +4,8 @@
 - JSON: too deep nesting and oversized integers answer 400, never a 500;
 - admission: the texts and (estimated) tokens waiting in the queue are bounded; past the bound a
   request gets 503 with Retry-After instead of waiting behind minutes of work;
+- deadlines: work is awaited until it is done, its client disconnects (dropped before it runs) or
+  --request-timeout passes (504);
 - the listening socket is bound before the model loads, so a busy port fails fast.
 """
 
@@ -78,6 +80,29 @@ async def read_body(request, limit: int, timeout: float | None = None) -> bytes:
         return await asyncio.wait_for(receive(), timeout)
     except asyncio.TimeoutError:
         raise RequestError(408, f"the request body did not arrive within {timeout:g} s") from None
+
+
+async def until_done_or_gone(work, request, timeout: float):
+    """Await `work`, cancelling it when the client disconnects (499-like: nobody reads the answer)
+    or after `timeout` seconds (504)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if gone in done:
+            raise RequestError(499, "client closed the request")
+        raise RequestError(504, f"the request did not complete within {timeout:g} s (--request-timeout); retry later")
+    finally:
+        task.cancel()
+        gone.cancel()
+
+
+async def _disconnected(request) -> None:
+    # After the body has been read, the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def token_estimate(inputs: list, max_length: int) -> int:

@@ -30,7 +30,7 @@ from adalora_deploy.io import read_json
 
 from . import token_tasks
 from .adapters import AdapterRegistry
-from .generate import GenerationConfig, Generator
+from .generate import GenerationConfig, Generator, PredictionCancelled
 from .session import (
     RELEASE_MEMORY_TOKENS,
     ExportDirError,
@@ -46,10 +46,6 @@ from .tokenizer import ExportTokenizer
 # the first max_length tokens unless they average more than this many characters (ordinary text
 # averages about 4), and it bounds the tokenizer's time and memory for very long texts.
 CHARS_PER_TOKEN = 16
-
-
-class PredictionCancelled(Exception):
-    """`predict(..., should_stop=...)` stopped between two model calls because nobody waits any more."""
 
 
 # One input: a text, or a (text, text_pair) pair for pair tasks (NLI, paraphrase, ...).
@@ -375,11 +371,14 @@ class Predictor:
             )
         return ids
 
-    def generate(self, prompts: str | Sequence[str], **options) -> list[dict]:
+    def generate(
+        self, prompts: str | Sequence[str], should_stop: Callable[[], bool] | None = None, **options
+    ) -> list[dict]:
         """Generate a continuation of each prompt.
 
         Args:
             prompts: a prompt or a list of prompts (run as one left-padded batch).
+            should_stop: asked before the first step and after each; True raises PredictionCancelled.
             options: GenerationConfig fields: max_new_tokens, do_sample, temperature, top_p, seed, use_cache.
 
         Returns:
@@ -387,7 +386,10 @@ class Predictor:
             special tokens such as EOS.
         """
         config = GenerationConfig(**options)
-        results = self.generator.generate(self._prompt_ids(prompts, config), config)
+        ids = self._prompt_ids(prompts, config)
+        if should_stop is not None and should_stop():
+            raise PredictionCancelled("nobody waits for this generation any more")
+        results = self.generator.generate(ids, config, should_stop)
         with self._tokenizer_lock:
             for r in results:
                 r["text"] = self.tokenizer.decode(r["token_ids"], skip_special_tokens=True)

@@ -36,7 +36,16 @@ from adalora_deploy.errors import ConfigError
 from .adapter_api import add_adapter_routes, parse_adapter_predict
 from .adapters import UnknownAdapterError
 from .generate_api import add_generate_route
-from .limits import Admission, RequestError, bind_socket, check_text, load_json, read_body, token_estimate
+from .limits import (
+    Admission,
+    RequestError,
+    bind_socket,
+    check_text,
+    load_json,
+    read_body,
+    token_estimate,
+    until_done_or_gone,
+)
 from .predictor import CAUSAL_LM, PredictionCancelled, Predictor, TextInput
 from .session import SessionConfig
 
@@ -330,7 +339,7 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
     app = FastAPI(title="adalora-deploy", lifespan=lifespan)
     app.state.batcher = batcher
     app.state.admission = admission
-    app.state.generation = add_generate_route(app, predictor, config, RequestError, read_body)
+    app.state.generation = add_generate_route(app, predictor, config, admission)
     add_adapter_routes(app, predictor, config.adapter_root, RequestError, read_body)
 
     @app.exception_handler(RequestError)
@@ -366,29 +375,6 @@ def create_app(predictor: Predictor, config: ServerConfig | None = None):
         return predictor.manifest
 
     return app
-
-
-async def until_done_or_gone(work, request: Request, timeout: float):
-    """Await `work`, cancelling it when the client disconnects (499-like: nobody reads the answer)
-    or after `timeout` seconds (504)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        if gone in done:
-            raise RequestError(499, "client closed the request")
-        raise RequestError(504, f"the request did not complete within {timeout:g} s (--request-timeout); retry later")
-    finally:
-        task.cancel()
-        gone.cancel()
-
-
-async def _disconnected(request: Request) -> None:
-    # After the body has been read, the next ASGI message is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _describe(predictor: Predictor) -> dict:

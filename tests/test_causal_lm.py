@@ -4,10 +4,12 @@ generate token for token like transformers, load in Optimum and a pipeline, serv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -331,3 +333,64 @@ def test_http_stream_stops_generating_when_the_client_goes_away(trained):
         time.sleep(2.5)
         assert len(produced) < 40, len(produced)
 
+
+
+def _slowed(predictor, seconds_per_token: float = 0.02) -> list[list[dict]]:
+    """Hold back each streamed token of the real predictor a little (so that a stream keeps the model
+    thread busy); returns the list every completed generate() call is appended to."""
+    finished = []
+    real_stream, real_generate = predictor.stream, predictor.generate
+
+    def slow_stream(*args, **kwargs):
+        for event in real_stream(*args, **kwargs):
+            time.sleep(seconds_per_token)
+            yield event
+
+    def recording_generate(*args, **kwargs):
+        result = real_generate(*args, **kwargs)
+        finished.append(result)
+        return result
+
+    predictor.stream, predictor.generate = slow_stream, recording_generate
+    return finished
+
+
+def test_http_generate_has_predicts_queue_bound_deadline_and_drop(trained):
+    """/v1/generate shares /v1/predict's bounds: a full queue answers 503 with Retry-After, a generation
+    still waiting at --request-timeout gets 504, and neither it nor one whose client gave up runs."""
+    model, root = trained
+    if model.model.config.model_type != "llama":
+        pytest.skip("one decoder is enough for the server's bounds")
+    predictor = Predictor.from_pretrained(root, provider="cpu")
+    finished = _slowed(predictor)
+    config = ServerConfig(port=free_port(), max_texts=2, max_queue_texts=2, request_timeout=0.5)
+    holder_body = {"inputs": "red", "max_new_tokens": 80, "stream": True}  # ~1.6 s of the model thread
+
+    async def scenario(url: str):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
+            async def hold() -> list[str]:
+                async with ac.stream("POST", "/v1/generate", json=holder_body) as r:
+                    return [line async for line in r.aiter_lines()]
+
+            holder = asyncio.create_task(hold())
+            while (await ac.get("/health")).json()["queued_texts"] < 1:
+                await asyncio.sleep(0.01)
+            full = await ac.post("/v1/generate", json={"inputs": ["a", "b"], "max_new_tokens": 5})  # 1 + 2 > 2
+            late = await ac.post("/v1/generate", json={"inputs": "c", "max_new_tokens": 5})  # waits behind the stream
+            with pytest.raises(httpx.ReadTimeout):
+                await ac.post("/v1/generate", json={"inputs": "d", "max_new_tokens": 5}, timeout=0.2)
+            lines = await holder
+            await asyncio.sleep(0.3)
+            idle = (await ac.get("/health")).json()
+            after = await ac.post("/v1/generate", json={"inputs": "e", "max_new_tokens": 5})
+            return full, late, lines, idle, after
+
+    with serving(create_app(predictor, config), config) as client:
+        full, late, lines, idle, after = asyncio.run(scenario(str(client.base_url)))
+    assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1 and "server busy" in full.json()["error"]
+    assert late.status_code == 504 and "--request-timeout" in late.json()["error"]
+    assert json.loads(lines[-1])["done"] is True  # the stream itself ran to its end
+    assert idle["queued_texts"] == 0 and idle["queued_tokens"] == 0
+    assert after.status_code == 200
+    # Only the last request generated: the timed-out and the abandoned ones were dropped before running.
+    assert finished == [after.json()["generations"]]
