@@ -89,8 +89,10 @@ def test_abandoned_heavy_requests_do_not_delay_a_small_one(medium_predictor):
         health = client.get("/health").json()
     assert response.status_code == 200
     assert seconds < SMALL_REQUEST_BOUND_S, f"the small request took {seconds:.2f} s behind abandoned work"
-    # Each of the twelve was refused at the full queue (503) or dropped unrun; at most one ran through.
-    assert health["dropped"] + health["refused"] >= 11, health
+    # Each of the twelve was refused at the full queue (503), dropped unrun or cut between its chunks, or
+    # (on a loaded machine) gave up before its body had arrived; at most one ran to its end. `requests`
+    # counts every request whose batch started (the warm-up and the small one included).
+    assert health["requests"] - health["dropped"] <= 3, health
 
 
 def test_a_full_queue_answers_503_with_retry_after(predictor):
