@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from adalora_deploy.runtime.predictor import Predictor, chunk_by_tokens
 from adalora_deploy.runtime.server import ServerConfig, create_app
 
 from .conftest import make_checkpoint, save_tiny_bert
-from .test_server import free_port, serving, wait_until_healthy
+from .test_server import free_port, serving, start_serve, wait_until_healthy
 
 SMALL_REQUEST_BOUND_S = 2.0
 RSS_PEAK_BOUND_MB = 300
@@ -192,9 +189,7 @@ def settled_rss_mb(pid: int, target: float, timeout: float = 5.0) -> float:
 @pytest.mark.slow
 def test_rss_comes_back_after_a_burst_and_sigterm_is_prompt(medium_export):
     port = free_port()
-    cmd = [sys.executable, "-m", "adalora_deploy", "serve", str(medium_export), "--port", str(port),
-           "--provider", "cpu", "--log-level", "warning", "--body-timeout", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    proc = start_serve(medium_export, port, "--provider", "cpu", "--log-level", "warning", "--body-timeout", "2")
     url = f"http://127.0.0.1:{port}"
     stalled = []
     try:

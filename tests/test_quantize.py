@@ -113,17 +113,14 @@ def test_int8_flags_need_quantize_and_fp32(tmp_path, tiny_checkpoint, tiny_eval_
 
 def test_serve_runs_an_int8_export_without_extra_flags(int8_root):
     """`adalora-deploy serve` on the int8 export root, provider left at auto: CPU, same labels as the Predictor."""
-    import os
     import subprocess
-    import sys
 
     import httpx
 
-    from .test_server import free_port, wait_until_healthy
+    from .test_server import free_port, start_serve, wait_until_healthy
 
     port = free_port()
-    cmd = [sys.executable, "-m", "adalora_deploy", "serve", str(int8_root), "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    proc = start_serve(int8_root, port, "--log-level", "warning", stdout=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(proc, url)

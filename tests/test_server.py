@@ -28,6 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_serve(export_dir, port: int, *flags: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """`adalora-deploy serve EXPORT_DIR --port PORT FLAGS...` in a child process (stderr piped)."""
+    cmd = [sys.executable, "-m", "adalora_deploy", "serve", str(export_dir), "--port", str(port), *flags]
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env={**os.environ})
+
+
 def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
     """Poll GET /health of a `serve` subprocess until it answers 200 (fails if the process dies)."""
     deadline = time.monotonic() + timeout
@@ -178,9 +184,7 @@ def test_corrupt_model_dir_is_one_line_error_at_start(tmp_path, tiny_export_root
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(tiny_export_root):
     port = free_port()
-    cmd = [sys.executable, "-m", "adalora_deploy", "serve", str(tiny_export_root), "--port", str(port),
-           "--provider", "cpu", "--max-wait-ms", "3000", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    proc = start_serve(tiny_export_root, port, "--provider", "cpu", "--max-wait-ms", "3000", "--log-level", "warning")
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(proc, url)

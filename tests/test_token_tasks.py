@@ -25,22 +25,20 @@ PEOPLE = [("ada", "lovelace"), ("alan", "turing"), ("grace", "hopper"), ("john",
 CITIES = ["paris", "london", "berlin", "rome"]
 
 
-def ner_rows(n: int = 40, seed: int = 0) -> list[dict]:
+def people(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """n random (first name, last name, city) triples."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        first, last = rng.choice(PEOPLE)
-        city = rng.choice(CITIES)
-        rows.append({"tokens": [first, last, "visited", city, "today"], "tags": ["B-PER", "I-PER", "O", "B-LOC", "O"]})
-    return rows
+    return [(*rng.choice(PEOPLE), rng.choice(CITIES)) for _ in range(n)]
+
+
+def ner_rows(n: int = 40, seed: int = 0) -> list[dict]:
+    return [{"tokens": [first, last, "visited", city, "today"], "tags": ["B-PER", "I-PER", "O", "B-LOC", "O"]}
+            for first, last, city in people(n, seed)]
 
 
 def qa_rows(n: int = 40, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
     rows = []
-    for _ in range(n):
-        first, last = rng.choice(PEOPLE)
-        city = rng.choice(CITIES)
+    for first, last, city in people(n, seed):
         context = f"{first} {last} lives in {city} and likes tea."
         rows.append({"question": f"where does {first} live?", "context": context, "answer_text": city,
                      "answer_start": context.index(city)})
