@@ -33,9 +33,12 @@ GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 WARMUP_SHAPE = (1, 8)
 # A model call of more padded tokens (rows x longest row) than this gives the memory it grew back to the
 # system when it ends (run(release_memory=True)): after a burst of long texts the process
-# returns near its usual size instead of keeping the burst's peak. Ordinary batches (32 texts of up to
-# 64 tokens) stay under it and keep their buffers between calls, so their latency is unchanged.
-RELEASE_MEMORY_TOKENS = 2048
+# returns near its usual size instead of keeping the burst's peak. Ordinary batches (up to 32 texts of
+# up to 128 tokens) stay at or under it and keep their buffers between calls, so their latency is
+# unchanged: releasing after every 32 x 128 call made those calls 1.07x slower, because each one grew
+# the arena again (MiniLM, 1 thread, benchmarks/release_cost.md). The server's largest call (--max-batch-tokens, default 8192)
+# is above it.
+RELEASE_MEMORY_TOKENS = 4096
 
 
 @dataclass

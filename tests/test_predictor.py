@@ -90,12 +90,12 @@ def test_chunks_and_pads_to_the_longest_in_each_batch(tiny_export_root):
 
 
 def test_only_calls_over_release_memory_tokens_hand_memory_back(tiny_export_root):
-    predictor = Predictor.from_pretrained(tiny_export_root, provider="cpu", batch_size=32)
-    small = predictor.predict(["short"] * 32)  # 32 x 3 tokens
+    predictor = Predictor.from_pretrained(tiny_export_root, provider="cpu", batch_size=64)
+    small = predictor.predict(["short"] * 64)  # 64 x 3 tokens
     predictor.session = RecordingSession(predictor.session)
-    predictor.predict(["short"] * 32)
-    big = predictor.predict(["short"] * 31 + ["word " * 1000])  # 32 x 128 padded tokens (the model's limit)
-    again = predictor.predict(["short"] * 32)
+    predictor.predict(["short"] * 64)
+    big = predictor.predict(["short"] * 63 + ["word " * 1000])  # 64 x 128 padded tokens (the model's limit)
+    again = predictor.predict(["short"] * 64)
     assert [b * t > RELEASE_MEMORY_TOKENS for b, t in predictor.session.shapes] == [False, True, False]
     assert predictor.session.released == [False, True, False]
     # Shrinking the arena and trimming the heap change nothing in the results, before or after.
