@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import signal
 import statistics
@@ -260,7 +259,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Training steps on a busy machine", "",
         f"Command: `{h['command']}`", "",
-        f"{h['cpu']}; {h['cores']} cores usable (os.sched_getaffinity); torch {h['torch']}; {h['date']}.",
+        f"{h['cpu']}; {h['cores']} cores usable (affinity and CPU quota); torch {h['torch']}; {h['date']}.",
         f"Machine load (uptime) before: `{h['uptime_before']}`; after: `{h['uptime_after']}`.",
         f"{h['rounds']} rounds x {h['steps'] - 1} timed steps per block; the demo's step (MiniLM + AdaLoRA, batch 32, "
         "Rotten Tomatoes at --max-length 64).", "",
@@ -293,13 +292,15 @@ def main() -> None:
         return worker()
     import torch
 
-    cores = len(os.sched_getaffinity(0))
+    from adalora_deploy.bench.run import device_name
+    from adalora_deploy.threads import usable_cores
+
+    cores = usable_cores()
     loads = [int(k) for k in args.loads.split(",")]
     before = uptime()
     started = time.time()
     blocks = measure(cores, loads, args.rounds, args.steps)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = device_name(cuda=False)
     result = {
         "header": {"command": "python benchmarks/busy_machine.py " + " ".join(sys.argv[1:]), "cpu": cpu,
                    "cores": cores, "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps,
@@ -311,8 +312,10 @@ def main() -> None:
     page = markdown(result)
     print(page)
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        Path(args.out + ".md").write_text(page)
+        from adalora_deploy.io import write_text_atomic
+
+        write_text_atomic(args.out + ".json", json.dumps(result, indent=1) + "\n")
+        write_text_atomic(args.out + ".md", page)
 
 
 if __name__ == "__main__":
