@@ -312,10 +312,9 @@ def main() -> None:
     page = markdown(result)
     print(page)
     if args.out:
-        from adalora_deploy.io import write_text_atomic
+        from adalora_deploy.bench.run import write_script_outputs
 
-        write_text_atomic(args.out + ".json", json.dumps(result, indent=1) + "\n")
-        write_text_atomic(args.out + ".md", page)
+        write_script_outputs(result, page, args.out + ".json", args.out + ".md")
 
 
 if __name__ == "__main__":

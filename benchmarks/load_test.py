@@ -389,10 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         "server_stats": {k: stats[k] for k in ("requests", "inputs", "batches", "largest_batch", "model_seconds")},
         "server_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1)},
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(render_markdown(result))
+    from adalora_deploy.bench.run import write_script_outputs
+
+    write_script_outputs(result, render_markdown(result), args.json, args.markdown)
     return 1 if any(r["errors"] for r in results) else 0
 
 

@@ -105,7 +105,9 @@ def main(argv=None) -> int:
               "rss_mb_after": rss_after}
     print(json.dumps(result))
     if args.markdown:
-        Path(args.markdown).write_text(render(result, args))
+        from adalora_deploy.io import write_text_atomic
+
+        write_text_atomic(args.markdown, render(result, args))
     return 0
 
 

@@ -36,8 +36,8 @@ WARMUP_SHAPE = (1, 8)
 # returns near its usual size instead of keeping the burst's peak. Ordinary batches (up to 32 texts of
 # up to 128 tokens) stay at or under it and keep their buffers between calls, so their latency is
 # unchanged: releasing after every 32 x 128 call made those calls 1.07x slower, because each one grew
-# the arena again (MiniLM, 1 thread, benchmarks/release_cost.md). The server's largest call (--max-batch-tokens, default 8192)
-# is above it.
+# the arena again (MiniLM, 1 thread, benchmarks/release_cost.md). The server's largest call
+# (--max-batch-tokens, default 8192) is above it.
 RELEASE_MEMORY_TOKENS = 4096
 
 

@@ -415,8 +415,8 @@ def check_output_files(paths: list[str | None], overwrite: bool) -> None:
 
 
 def write_script_outputs(result: dict, markdown: str, json_path, markdown_path) -> None:
-    """A benchmarks/ script's results: `result` (the command inside) as JSON and its `markdown`, each
-    written atomically where a path was given."""
+    """`result` as JSON and its `markdown`, each written atomically where a path was given (bench and the
+    benchmarks/ scripts)."""
     import json
 
     from adalora_deploy.io import write_text_atomic
@@ -429,16 +429,9 @@ def write_script_outputs(result: dict, markdown: str, json_path, markdown_path) 
 
 def write_outputs(result: dict, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
     """Write whichever of the JSON, markdown and PNG outputs were asked for, each atomically."""
-    import json
-
-    from adalora_deploy.io import write_text_atomic
-
     from .markdown import render_markdown
 
-    if json_path:
-        write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
-    if markdown_path:
-        write_text_atomic(markdown_path, render_markdown(result))
+    write_script_outputs(result, render_markdown(result) if markdown_path else "", json_path, markdown_path)
     if plot_path:
         from .plots import plot_bench
 
