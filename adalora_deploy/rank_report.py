@@ -30,6 +30,7 @@ class RankReport:
         cells: (layer, type) -> rank.
         init_r, target_r: from the checkpoint config.
         trainable_params, adapter_params_before, adapter_params_after: parameter counts.
+        stopped_early: the config's record of a run that diverged and kept its last good state, else None.
     """
 
     ranks: dict[str, int]
@@ -41,6 +42,7 @@ class RankReport:
     trainable_params: int
     adapter_params_before: int
     adapter_params_after: int
+    stopped_early: dict | None = None
 
     @property
     def budget(self) -> int:
@@ -113,6 +115,7 @@ def rank_report(checkpoint: str | os.PathLike) -> RankReport:
     return RankReport(
         ranks, layers, types, cells, meta["adalora"]["init_r"], meta["adalora"]["target_r"],
         meta["trainable_params"], meta["adapter_params_before"], meta["adapter_params_after"],
+        meta.get("stopped_early"),
     )
 
 

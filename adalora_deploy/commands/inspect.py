@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ranks of {args.checkpoint} (init_r {report.init_r}, target_r {report.target_r})")
         print(format_table(report))
         print(format_rank_summary(report))
-        _note_stopped_early(args.checkpoint)
+        _note_stopped_early(report.stopped_early)
     if json_file(args):
         print(f"json: {write_json_file(json_file(args), report.to_json())}")
     if args.plot:
@@ -63,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_stopped_early(checkpoint: str) -> None:
-    from ..model import read_checkpoint_config
-
-    stop = read_checkpoint_config(checkpoint).get("stopped_early")
+def _note_stopped_early(stop: dict | None) -> None:
     if stop:
         print(f"stopped early: the last good state of a run that diverged ({stop.get('reason')}), after "
               f"{stop.get('steps_done')} of {stop.get('steps_planned')} steps")
